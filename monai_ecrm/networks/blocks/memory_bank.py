@@ -1,0 +1,229 @@
+"""A ring-buffer memory of per-class prototypes: the "exterior" memory that ECRM attends to.
+
+All state lives in persistent buffers so that ``state_dict`` round trips (checkpoints, resume, export) restore the
+memory exactly. The seed listing kept its "full" flag as a plain Python attribute and lost it on every resume.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MemoryBank", "MemorySizeMismatchError", "SIZE_MISMATCH_POLICIES"]
+
+#: accepted values of ``MemoryBank(on_size_mismatch=...)``
+SIZE_MISMATCH_POLICIES = ("error", "reset", "keep_newest")
+
+
+class MemorySizeMismatchError(RuntimeError):
+    """A checkpoint's ECRM memory does not fit the memory of the model it is loaded into."""
+
+
+class MemoryBank(nn.Module):
+    """Fixed-size ring buffer of class prototypes ``[num_slots, num_classes, channels]``.
+
+    One slot holds the ``num_classes`` prototypes of one training image. Writes (:meth:`enqueue`) go in ring order:
+    a batch larger than the free space wraps around and overwrites the oldest slots; if a batch holds more
+    prototypes than there are slots, the newest ``num_slots`` are kept. Nothing is silently dropped.
+
+    Rules the rest of the package relies on:
+
+    - the memory is written only while the module is in training mode (``model.eval()`` freezes it, like
+      BatchNorm's running statistics) and never takes gradient;
+    - prototypes with a non-finite value are refused: counted in ``rejected``, warned about, never stored;
+    - under ``torch.distributed`` with more than one rank the prototypes of all ranks are gathered (in rank order,
+      unequal batch sizes allowed) before the write, so every rank holds the same memory;
+    - the memory is stored in float32 whatever the autocast dtype of the caller.
+
+    Buffers (all persistent): ``memory`` ``[S, K, C]`` float32, ``pointer`` (next slot to write), ``filled``
+    (number of slots holding a prototype), ``rejected`` (prototypes refused since creation; :meth:`reset` keeps it,
+    it is a lifetime count).
+
+    Loading a state dict whose memory has another number of slots raises :class:`MemorySizeMismatchError`, unless
+    ``on_size_mismatch`` says otherwise:
+
+    - ``"error"`` (default): raise, naming both slot counts and this argument;
+    - ``"reset"``: ignore the checkpoint's memory and start empty;
+    - ``"keep_newest"``: keep the checkpoint's newest ``min(S_checkpoint_filled, S)`` prototypes, oldest first.
+
+    A different number of classes or channels is always an error: that is another architecture.
+
+    Args:
+        num_slots: number of slots ``S`` (images remembered), at least 1.
+        num_classes: prototypes per slot ``K``.
+        channels: channels ``C`` of one prototype.
+        on_size_mismatch: policy when a loaded state dict has another slot count (see above).
+    """
+
+    def __init__(self, num_slots: int, num_classes: int, channels: int, on_size_mismatch: str = "error") -> None:
+        super().__init__()
+        if num_slots < 1:
+            raise ValueError(f"MemoryBank: num_slots must be >= 1, got {num_slots}.")
+        if num_classes < 1 or channels < 1:
+            raise ValueError(f"MemoryBank: num_classes and channels must be >= 1, got {num_classes}, {channels}.")
+        if on_size_mismatch not in SIZE_MISMATCH_POLICIES:
+            raise ValueError(
+                f"MemoryBank: on_size_mismatch must be one of {SIZE_MISMATCH_POLICIES}, got {on_size_mismatch!r}."
+            )
+        self.num_slots = num_slots
+        self.num_classes = num_classes
+        self.channels = channels
+        self.on_size_mismatch = on_size_mismatch
+        self.register_buffer("memory", torch.zeros(num_slots, num_classes, channels))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("rejected", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"num_slots={self.num_slots}, num_classes={self.num_classes}, channels={self.channels}"
+
+    def is_empty(self) -> bool:
+        return int(self.filled) == 0
+
+    def filled_memory(self) -> torch.Tensor:
+        """The filled slots ``[F, K, C]`` in storage order (cheap view; order-free consumers such as attention)."""
+        return self.memory[: int(self.filled)]
+
+    def slots(self) -> torch.Tensor:
+        """The filled slots ``[F, K, C]``, oldest first (a copy)."""
+        filled = int(self.filled)
+        if filled < self.num_slots:
+            return self.memory[:filled].clone()
+        pointer = int(self.pointer)
+        return torch.cat([self.memory[pointer:], self.memory[:pointer]], dim=0)
+
+    def reset(self) -> None:
+        """Empty the memory (contents zeroed, pointer and fill back to 0; ``rejected`` is kept)."""
+        with torch.no_grad():
+            self.memory.zero_()
+            self.pointer.zero_()
+            self.filled.zero_()
+
+    def enqueue(self, prototypes: torch.Tensor) -> None:
+        """Write a batch of prototypes ``[B, K, C]`` in ring order (training mode only; no gradient).
+
+        Args:
+            prototypes: one row of ``K`` class prototypes per image.
+        """
+        if not self.training:
+            return
+        if prototypes.dim() != 3 or prototypes.shape[1] != self.num_classes or prototypes.shape[2] != self.channels:
+            raise ValueError(
+                f"MemoryBank.enqueue: expected prototypes of shape [B, {self.num_classes}, {self.channels}], "
+                f"got {list(prototypes.shape)}."
+            )
+        with torch.no_grad():
+            self._write(prototypes.detach().to(dtype=self.memory.dtype, device=self.memory.device))
+
+    def _write(self, values: torch.Tensor) -> None:
+        if not torch.jit.is_scripting():
+            values = self._gather_across_ranks(values)
+        finite = torch.isfinite(values).flatten(1).all(dim=1)
+        num_bad = int((~finite).sum())
+        if num_bad > 0:
+            self.rejected.add_(num_bad)
+            warnings.warn(
+                f"ECRM memory bank: refused {num_bad} of {values.shape[0]} prototype(s) with non-finite values "
+                f"(rejected so far: {int(self.rejected)}). They were not stored."
+            )
+            values = values[finite]
+        count = values.shape[0]
+        if count == 0:
+            return
+        if count > self.num_slots:
+            values = values[count - self.num_slots :]
+            count = self.num_slots
+        start = int(self.pointer)
+        index = (torch.arange(count, device=self.memory.device) + start) % self.num_slots
+        self.memory.index_copy_(0, index, values)
+        self.pointer.fill_((start + count) % self.num_slots)
+        self.filled.fill_(min(int(self.filled) + count, self.num_slots))
+
+    @torch.jit.unused
+    def _gather_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Concatenate the prototypes of every rank in rank order (unequal batch sizes allowed)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return values
+        world_size = dist.get_world_size()
+        local_count = torch.tensor([values.shape[0]], device=values.device, dtype=torch.long)
+        counts = [torch.zeros_like(local_count) for _ in range(world_size)]
+        dist.all_gather(counts, local_count)
+        sizes = [int(c.item()) for c in counts]
+        largest = max(sizes)
+        padded = values.new_zeros((largest, *values.shape[1:]))
+        padded[: values.shape[0]] = values
+        gathered = [torch.empty_like(padded) for _ in range(world_size)]
+        dist.all_gather(gathered, padded)
+        return torch.cat([chunk[:size] for chunk, size in zip(gathered, sizes)], dim=0)
+
+    # ------------------------------------------------------------------ checkpoint compatibility
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "memory"
+        if key in state_dict:
+            incoming = state_dict[key]
+            if incoming.dim() != 3 or tuple(incoming.shape[1:]) != (self.num_classes, self.channels):
+                raise MemorySizeMismatchError(
+                    f"ECRM memory bank ({key}): the checkpoint stores prototypes of {list(incoming.shape[1:])} "
+                    f"[classes, channels], this model expects [{self.num_classes}, {self.channels}]. This is a "
+                    "checkpoint of another architecture (num_classes or feat_channels differ)."
+                )
+            if incoming.shape[0] != self.num_slots:
+                self._load_other_size(state_dict, prefix, missing_keys, incoming)
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _load_other_size(
+        self, state_dict: Mapping[str, Any], prefix: str, missing_keys: list[str], incoming: torch.Tensor
+    ) -> None:
+        theirs, ours = int(incoming.shape[0]), self.num_slots
+        if self.on_size_mismatch == "error":
+            raise MemorySizeMismatchError(
+                f"ECRM memory bank ({prefix}memory): the checkpoint holds {theirs} slots, this model has {ours} "
+                f"(bank_size). Build the model with bank_size={theirs}, or pass on_size_mismatch='reset' "
+                "(start with an empty memory) or on_size_mismatch='keep_newest' (keep the newest prototypes that "
+                "fit) to the MemoryBank/ECRM/ECRMUNet (argument `bank_size_mismatch` of ECRMUNet)."
+            )
+        for name in ("pointer", "filled", "rejected"):
+            if prefix + name not in state_dict:
+                missing_keys.append(prefix + name)
+        self.reset()
+        if prefix + "rejected" in state_dict:
+            self.rejected.copy_(torch.as_tensor(state_dict[prefix + "rejected"]).reshape(()))
+        if self.on_size_mismatch == "reset":
+            warnings.warn(f"ECRM memory bank: checkpoint memory of {theirs} slots discarded (policy 'reset').")
+            return
+        their_filled = int(torch.as_tensor(state_dict.get(prefix + "filled", theirs)))
+        their_pointer = int(torch.as_tensor(state_dict.get(prefix + "pointer", 0)))
+        ordered = _oldest_first(incoming, their_pointer, their_filled)
+        kept = ordered[max(0, ordered.shape[0] - ours) :]
+        with torch.no_grad():
+            self.memory[: kept.shape[0]] = kept.to(self.memory)
+            self.filled.fill_(kept.shape[0])
+            self.pointer.fill_(kept.shape[0] % ours)
+        warnings.warn(
+            f"ECRM memory bank: checkpoint memory of {theirs} slots loaded into {ours} slots "
+            f"(policy 'keep_newest': {kept.shape[0]} newest prototypes kept)."
+        )
+
+
+def _oldest_first(memory: torch.Tensor, pointer: int, filled: int) -> torch.Tensor:
+    """The filled slots of a ring buffer, oldest first."""
+    if filled < memory.shape[0]:
+        return memory[:filled]
+    return torch.cat([memory[pointer:], memory[:pointer]], dim=0)
