@@ -93,11 +93,17 @@ class ECRM(nn.Module):
         self.feat_channels = feat_channels
         self.key_channels = key_channels
         self.coarse = Convolution(spatial_dims, in_channels, num_classes, kernel_size=1, conv_only=True, bias=True)
-        self.embed = Convolution(spatial_dims, in_channels, feat_channels, kernel_size=3, norm=norm, act=act, bias=False)
-        self.query = Convolution(spatial_dims, feat_channels, key_channels, kernel_size=1, norm=norm, act=act, bias=False)
+        self.embed = Convolution(
+            spatial_dims, in_channels, feat_channels, kernel_size=3, norm=norm, act=act, bias=False
+        )
+        self.query = Convolution(
+            spatial_dims, feat_channels, key_channels, kernel_size=1, norm=norm, act=act, bias=False
+        )
         self.memory_key = nn.Sequential(nn.Linear(feat_channels, key_channels), nn.ReLU())
         self.memory_value = nn.Sequential(nn.Linear(feat_channels, key_channels), nn.ReLU())
-        self.project = Convolution(spatial_dims, key_channels, feat_channels, kernel_size=1, norm=norm, act=act, bias=False)
+        self.project = Convolution(
+            spatial_dims, key_channels, feat_channels, kernel_size=1, norm=norm, act=act, bias=False
+        )
         # fuse = conv1x1(concat(features, context)), written as the sum of two 1x1 convolutions so that the
         # 2 * feat_channels concatenation is never materialised (and never kept for backward)
         self.fuse_features = Conv[Conv.CONV, spatial_dims](feat_channels, feat_channels, kernel_size=1, bias=False)
@@ -122,7 +128,6 @@ class ECRM(nn.Module):
         """
         queries = self.query(features)
         batch = queries.shape[0]
-        spatial = queries.shape[2:]
         if self.memory.is_empty():
             return torch.zeros_like(queries)
         tokens = self.memory.filled_memory().reshape(-1, self.feat_channels)

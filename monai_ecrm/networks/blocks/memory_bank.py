@@ -128,7 +128,8 @@ class MemoryBank(nn.Module):
             self.rejected.add_(num_bad)
             warnings.warn(
                 f"ECRM memory bank: refused {num_bad} of {values.shape[0]} prototype(s) with non-finite values "
-                f"(rejected so far: {int(self.rejected)}). They were not stored."
+                f"(rejected so far: {int(self.rejected)}). They were not stored.",
+                stacklevel=2,
             )
             values = values[finite]
         count = values.shape[0]
@@ -206,7 +207,9 @@ class MemoryBank(nn.Module):
         if prefix + "rejected" in state_dict:
             self.rejected.copy_(torch.as_tensor(state_dict[prefix + "rejected"]).reshape(()))
         if self.on_size_mismatch == "reset":
-            warnings.warn(f"ECRM memory bank: checkpoint memory of {theirs} slots discarded (policy 'reset').")
+            warnings.warn(
+                f"ECRM memory bank: checkpoint memory of {theirs} slots discarded (policy 'reset').", stacklevel=2
+            )
             return
         their_filled = int(torch.as_tensor(state_dict.get(prefix + "filled", theirs)))
         their_pointer = int(torch.as_tensor(state_dict.get(prefix + "pointer", 0)))
@@ -218,7 +221,8 @@ class MemoryBank(nn.Module):
             self.pointer.fill_(kept.shape[0] % ours)
         warnings.warn(
             f"ECRM memory bank: checkpoint memory of {theirs} slots loaded into {ours} slots "
-            f"(policy 'keep_newest': {kept.shape[0]} newest prototypes kept)."
+            f"(policy 'keep_newest': {kept.shape[0]} newest prototypes kept).",
+            stacklevel=2,
         )
 
 
