@@ -160,7 +160,7 @@ def _gather_worker(rank: int, world_size: int, port: int, queue) -> None:
         for step in range(3):
             count = 2 + rank
             bank.enqueue(_protos([100 * step + 10 * rank + i for i in range(count)]))
-        queue.put((rank, bank.state_dict()))
+        queue.put((rank, {k: v.numpy().copy() for k, v in bank.state_dict().items()}))  # no shared-memory tensors
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -173,7 +173,10 @@ def test_distributed_gather_gives_identical_memory_in_rank_order():
     procs = [ctx.Process(target=_gather_worker, args=(rank, 2, port, queue)) for rank in range(2)]
     for proc in procs:
         proc.start()
-    states = dict(queue.get(timeout=120) for _ in procs)
+    states = {}
+    for _ in procs:
+        rank, state = queue.get(timeout=120)
+        states[rank] = {k: torch.from_numpy(v) for k, v in state.items()}
     for proc in procs:
         proc.join(timeout=60)
         assert proc.exitcode == 0

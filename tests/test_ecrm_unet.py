@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from monai_ecrm.networks.nets import ECRMUNet, dcrnet
+
+SMALL = {"bank_size": 4, "ecrm_channels": 32, "key_channels": 16, "decoder_channels": (32, 16, 16, 8, 8)}
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "efficientnet-b0",
+        "efficientnet-b1",
+        "efficientnet-b2",
+        "efficientnet-b3",
+        "efficientnet-lite0",
+    ],
+)
+def test_one_logits_tensor_of_input_size_for_each_backbone(backbone):
+    net = ECRMUNet(backbone=backbone, **SMALL)
+    x = torch.randn(2, 3, 64, 96)
+    out = net.train()(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 1, 64, 96)
+    net.eval()
+    with torch.no_grad():
+        out = net(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 1, 64, 96)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet-b0"])
+def test_3d_backbones(backbone):
+    net = ECRMUNet(spatial_dims=3, in_channels=1, out_channels=2, backbone=backbone, **SMALL)
+    out = net(torch.randn(1, 1, 32, 32, 64))
+    assert out.shape == (1, 2, 32, 32, 64)
+
+
+def test_sizes_not_multiple_of_32_are_padded_and_cropped_back():
+    net = ECRMUNet(backbone="resnet18", **SMALL).eval()
+    x = torch.randn(1, 3, 45, 77)
+    with torch.no_grad():
+        out = net(x)
+        padded = net(torch.nn.functional.pad(x, (0, 96 - 77, 0, 64 - 45)))
+    assert out.shape == (1, 1, 45, 77)
+    torch.testing.assert_close(out, padded[:, :, :45, :77], msg="padding must be at the end, never shifting the image")
+
+
+def test_aux_logits_reachable_through_a_forward_hook_without_changing_the_output():
+    net = ECRMUNet(backbone="resnet18", **SMALL).train()
+    captured = []
+    handle = net.ecrm.register_forward_hook(lambda module, args, output: captured.append(output[1]))
+    out = net(torch.randn(2, 3, 64, 64))
+    handle.remove()
+    assert isinstance(out, torch.Tensor)
+    assert captured[0].shape == (2, 1, 2, 2), "ECRM coarse mask at 1/32 resolution"
+
+
+def test_scripted_equals_eager_in_eval():
+    net = ECRMUNet(backbone="resnet34", **SMALL)
+    net.train()(torch.randn(4, 3, 64, 64))  # fill part of the memory
+    net.eval()
+    scripted = torch.jit.script(net)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x))
+
+
+def test_eval_output_of_a_sample_independent_of_the_batch():
+    net = ECRMUNet(backbone="resnet18", **SMALL)
+    net.train()(torch.randn(4, 3, 64, 64))
+    net.eval()
+    x = torch.randn(3, 3, 64, 64)
+    other = x.clone()
+    other[1:] = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[0], net(other)[0])
+        torch.testing.assert_close(net(x[:1])[0], net(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_dcrnet_preset_shape():
+    net = dcrnet(bank_size=2)
+    assert net.backbone == "resnet34" and net.use_icrm
+    assert net.ecrm.feat_channels == 512 and net.ecrm.key_channels == 256
+    assert int(net.ecrm.memory.num_slots) == 2
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_pretrained_true_without_offline_weights_is_a_clear_error():
+    with pytest.raises(ValueError, match="pretrained_weights=PATH"):
+        ECRMUNet(backbone="resnet34", pretrained=True)
+
+
+def _torchvision_resnet34_state_dict() -> dict[str, torch.Tensor]:
+    """A state dict in torchvision's ResNet-34 layout (torchvision itself is not installed here): MONAI's ResNet
+    with projection shortcuts has the same keys, plus torchvision's classifier ``fc``."""
+    from monai.networks.nets.resnet import ResNet, ResNetBlock, get_inplanes
+
+    reference = ResNet(
+        ResNetBlock,
+        [3, 4, 6, 3],
+        get_inplanes(),
+        spatial_dims=2,
+        n_input_channels=3,
+        conv1_t_size=7,
+        conv1_t_stride=2,
+        shortcut_type="B",
+        bias_downsample=False,
+        num_classes=1000,
+    )
+    torch.manual_seed(3)
+    return {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in reference.state_dict().items()}
+
+
+def test_loading_a_local_torchvision_resnet34_state_dict(tmp_path):
+    state = _torchvision_resnet34_state_dict()
+    assert "layer2.0.downsample.0.weight" in state and "fc.weight" in state
+    path = tmp_path / "resnet34-torchvision.pth"
+    torch.save(state, path)
+    net = ECRMUNet(backbone="resnet34", pretrained_weights=str(path), **SMALL)
+    encoder_state = net.encoder.state_dict()
+    for key, value in encoder_state.items():
+        torch.testing.assert_close(value, state[key], msg=f"encoder key {key} not loaded")
+
+
+def test_pretrained_weights_of_another_architecture_name_the_missing_keys(tmp_path):
+    path = tmp_path / "b0.pth"
+    torch.save(ECRMUNet(backbone="efficientnet-b0", **SMALL).encoder.state_dict(), path)
+    with pytest.raises(Exception, match="layer1"):
+        ECRMUNet(backbone="resnet34", pretrained_weights=str(path), **SMALL)
+
+
+# --------------------------------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        net = ECRMUNet(backbone="resnet18", **SMALL)
+        model = torch.nn.parallel.DistributedDataParallel(net)  # default find_unused_parameters=False
+        aux_outputs = []
+        net.ecrm.register_forward_hook(lambda module, args, output: aux_outputs.append(output[1]))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        torch.manual_seed(rank + 1)
+        for _ in range(2):
+            x = torch.randn(2, 3, 64, 64)
+            label = (torch.rand(2, 1, 64, 64) > 0.5).float()
+            aux_outputs.clear()
+            logits = model(x)
+            aux = aux_outputs[0]
+            aux_label = torch.nn.functional.interpolate(label, size=aux.shape[2:], mode="area")
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, label)
+            loss = loss + 0.4 * torch.nn.functional.binary_cross_entropy_with_logits(aux, aux_label)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        # numpy copies: tensors would travel as shared memory that vanishes when this process exits
+        queue.put((rank, net.ecrm.coarse.conv.weight.detach().numpy().copy(), net.ecrm.memory.memory.numpy().copy()))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_training_step_with_aux_loss_and_default_find_unused_parameters():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, queue)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    results = {}
+    for _ in procs:
+        rank, weight, memory = queue.get(timeout=180)
+        results[rank] = (torch.from_numpy(weight), torch.from_numpy(memory))
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0, "a DDP step with the aux loss must run without find_unused_parameters"
+    torch.testing.assert_close(results[0][0], results[1][0], msg="coarse-mask conv must stay in sync across ranks")
+    assert torch.equal(results[0][1], results[1][1]), "the memory must be identical on both ranks"
