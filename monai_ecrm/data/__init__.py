@@ -1,1 +1,38 @@
+"""Datalists for the common folder layouts, readers for every input format, and the synthetic demo set."""
 
+from __future__ import annotations
+
+from monai_ecrm.data.datalist import folder_datalist, load_datalist, split_datalist, validate_datalist
+from monai_ecrm.data.demo import make_demo_dataset
+from monai_ecrm.data.errors import DataError
+from monai_ecrm.data.image_io import (
+    DICOM_ID_KEYWORDS,
+    SUPPORTED_SUFFIXES,
+    PictureInfo,
+    file_stem,
+    frame_filename,
+    picture_format,
+    picture_meta,
+    probe_picture,
+    read_picture,
+)
+from monai_ecrm.data.image_reader import PolypImageReader
+
+__all__ = [
+    "DICOM_ID_KEYWORDS",
+    "DataError",
+    "PictureInfo",
+    "PolypImageReader",
+    "SUPPORTED_SUFFIXES",
+    "file_stem",
+    "folder_datalist",
+    "frame_filename",
+    "load_datalist",
+    "make_demo_dataset",
+    "picture_format",
+    "picture_meta",
+    "probe_picture",
+    "read_picture",
+    "split_datalist",
+    "validate_datalist",
+]
