@@ -22,6 +22,7 @@ from monai.transforms import (
     AsDiscreted,
     CastToTyped,
     Compose,
+    CopyItemsd,
     EnsureTyped,
     Invertd,
     NormalizeIntensityd,
@@ -38,9 +39,13 @@ from monai.utils import ensure_tuple_rep
 from monai_ecrm.transforms.io import LabelMapping, LoadPolypImaged, SavePredictiond
 
 __all__ = [
+    "NORMALIZATIONS",
+    "normalization_for_backbone",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "eval_postprocessing",
+    "full_size_eval_postprocessing",
+    "full_size_eval_transforms",
     "eval_transforms",
     "infer_postprocessing",
     "infer_transforms",
@@ -55,10 +60,25 @@ def _size(spatial_size: int | Sequence[int]) -> tuple[int, int]:
     return tuple(int(size) for size in ensure_tuple_rep(spatial_size, 2))  # type: ignore[return-value]
 
 
-def _normalize(image_key: str) -> NormalizeIntensityd:
-    return NormalizeIntensityd(
-        keys=image_key, subtrahend=np.array(IMAGENET_MEAN), divisor=np.array(IMAGENET_STD), channel_wise=True
-    )
+#: per-channel (mean, std) on [0, 1] intensities for each ``normalization`` name. "lite": the TensorFlow preprocessing
+#: the EfficientNet-Lite ImageNet weights were trained with, ``(x - 127) / 128`` on 0..255.
+NORMALIZATIONS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "lite": ((127 / 255,) * 3, (128 / 255,) * 3),
+}
+
+
+def normalization_for_backbone(backbone: str) -> str:
+    """The input normalisation a backbone's pretrained weights expect: ``"lite"`` for EfficientNet-Lite, else
+    ``"imagenet"``."""
+    return "lite" if backbone.startswith("efficientnet-lite") else "imagenet"
+
+
+def _normalize(image_key: str, normalization: str = "imagenet") -> NormalizeIntensityd:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}")
+    mean, std = NORMALIZATIONS[normalization]
+    return NormalizeIntensityd(keys=image_key, subtrahend=np.array(mean), divisor=np.array(std), channel_wise=True)
 
 
 def _resize(keys: Sequence[str], label_keys: Sequence[str], spatial_size: tuple[int, int], anti_aliasing: bool):
@@ -88,6 +108,7 @@ def train_transforms(
     colour: float = 0.1,
     anti_aliasing: bool = False,
     compact_cache: bool = True,
+    normalization: str = "imagenet",
 ) -> Compose:
     """Training preset: load, resize, flips, rotation and zoom, colour/brightness/contrast jitter, normalisation.
 
@@ -110,6 +131,8 @@ def train_transforms(
             the bilinear resize, and endoscopic pictures are smooth. Use the same setting for training and eval.
         compact_cache: cache float16 images and uint8 masks (about 1.3 GB instead of 2.9 GB for the 1450 training
             pairs at 352 px); they are cast back to float32 after the first random step.
+        normalization: ``"imagenet"`` (ImageNet mean/std, for torchvision/MONAI encoders) or ``"lite"`` (the
+            EfficientNet-Lite weights' ``(x - 127) / 128``); see :func:`normalization_for_backbone`.
     """
     size = _size(spatial_size)
     keys = [image_key, label_key]
@@ -137,7 +160,7 @@ def train_transforms(
         RandScaleIntensityd(keys=image_key, prob=intensity_prob, factors=colour, channel_wise=True),
         RandShiftIntensityd(keys=image_key, prob=intensity_prob, offsets=brightness),
         ScaleIntensityRanged(keys=image_key, a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
-        _normalize(image_key),
+        _normalize(image_key, normalization),
         EnsureTyped(keys=keys, dtype=torch.float32),
     ]
     return Compose(steps)
@@ -151,6 +174,7 @@ def eval_transforms(
     label_key: str = "label",
     resize_label: bool = True,
     anti_aliasing: bool = False,
+    normalization: str = "imagenet",
 ) -> Compose:
     """Evaluation preset: load, resize, normalise; metadata kept so ``Invertd`` restores the original size.
 
@@ -163,6 +187,8 @@ def eval_transforms(
         resize_label: resize the mask too (nearest neighbour) so batches stack; ``False`` keeps it at the original
             size, for metrics on the inverted prediction (batch size 1 where sizes differ).
         anti_aliasing: Gaussian-smooth images before downsizing (see :func:`train_transforms`).
+        normalization: ``"imagenet"`` (ImageNet mean/std, for torchvision/MONAI encoders) or ``"lite"`` (the
+            EfficientNet-Lite weights' ``(x - 127) / 128``); see :func:`normalization_for_backbone`.
     """
     size = _size(spatial_size)
     keys = [image_key, label_key]
@@ -170,14 +196,17 @@ def eval_transforms(
         [
             LoadPolypImaged(keys=keys, label_keys=[label_key], num_classes=num_classes, label_mapping=label_mapping),
             _resize(keys if resize_label else [image_key], [label_key], size, anti_aliasing),
-            _normalize(image_key),
+            _normalize(image_key, normalization),
             EnsureTyped(keys=keys, dtype=torch.float32),
         ]
     )
 
 
 def infer_transforms(
-    spatial_size: int | Sequence[int] = 352, image_key: str = "image", anti_aliasing: bool = False
+    spatial_size: int | Sequence[int] = 352,
+    image_key: str = "image",
+    anti_aliasing: bool = False,
+    normalization: str = "imagenet",
 ) -> Compose:
     """Inference preset: load, resize, normalise; metadata kept so ``Invertd`` restores the original size.
 
@@ -185,13 +214,86 @@ def infer_transforms(
         spatial_size: network input size, an int for a square or ``[H, W]``.
         image_key: item key of the image.
         anti_aliasing: Gaussian-smooth images before downsizing (see :func:`train_transforms`).
+        normalization: ``"imagenet"`` (ImageNet mean/std, for torchvision/MONAI encoders) or ``"lite"`` (the
+            EfficientNet-Lite weights' ``(x - 127) / 128``); see :func:`normalization_for_backbone`.
     """
     return Compose(
         [
             LoadPolypImaged(keys=image_key, label_keys=[]),
             _resize([image_key], [], _size(spatial_size), anti_aliasing),
-            _normalize(image_key),
+            _normalize(image_key, normalization),
             EnsureTyped(keys=image_key, dtype=torch.float32),
+        ]
+    )
+
+
+def full_size_eval_transforms(
+    spatial_size: int | Sequence[int] = 352,
+    normalization: str = "imagenet",
+    image_key: str = "image",
+    label_key: str = "label",
+    full_label_key: str = "label_full",
+) -> Compose:
+    """Evaluation at the original size: :func:`eval_transforms` plus a second, untouched copy of the mask.
+
+    ``label_key`` is resized with the image (for anything scored at the network's size, such as the ECRM aux
+    Dice); ``full_label_key`` keeps the mask at its original size so the polyp metrics are computed on the real
+    mask, not on a mask resized down and back up. Batches of one image, since original sizes differ. Pair it with
+    :func:`full_size_eval_postprocessing`.
+
+    Args:
+        spatial_size: network input size.
+        normalization: see :func:`eval_transforms`.
+        image_key: item key of the image.
+        label_key: item key of the mask resized with the image.
+        full_label_key: item key of the full-size copy of the mask.
+    """
+    size = _size(spatial_size)
+    return Compose(
+        [
+            CopyItemsd(keys=label_key, names=full_label_key),
+            LoadPolypImaged(keys=[image_key, label_key, full_label_key], label_keys=[label_key, full_label_key]),
+            _resize([image_key, label_key], [label_key], size, False),
+            _normalize(image_key, normalization),
+            EnsureTyped(keys=[image_key, label_key, full_label_key], dtype=torch.float32),
+        ]
+    )
+
+
+def full_size_eval_postprocessing(
+    preprocessing: Compose,
+    pred_key: str = "pred",
+    image_key: str = "image",
+    full_label_key: str = "label_full",
+    output_label_key: str = "gt",
+) -> Compose:
+    """Logits to foreground probabilities at the original size, with the full-size mask and image beside them.
+
+    Sigmoid, then ``Invertd`` of the prediction (bilinear), of the full-size mask and of the image through
+    ``preprocessing`` (:func:`full_size_eval_transforms`), so all three share MONAI's reader layout at the
+    source's size. Thresholding is left to the metrics (``monai_ecrm.handlers.PolypOverlap``), which need the
+    probability map for S-measure, E-measure, weighted F-measure and MAE.
+
+    Args:
+        preprocessing: the :func:`full_size_eval_transforms` instance that made the network input.
+        pred_key: item key of the network output.
+        image_key: item key of the image.
+        full_label_key: item key of the full-size mask.
+        output_label_key: the full-size mask is copied to this key, which MONAI engines put in
+            ``engine.state.output`` (keys that came with the batch go back to ``engine.state.batch``), so metric
+            handlers read it with ``from_engine(["pred", output_label_key])``.
+    """
+    return Compose(
+        [
+            Activationsd(keys=pred_key, sigmoid=True),
+            Invertd(
+                keys=[pred_key, full_label_key, image_key],
+                transform=preprocessing,
+                orig_keys=[image_key, full_label_key, image_key],
+                nearest_interp=[False, True, False],
+                to_tensor=True,
+            ),
+            CopyItemsd(keys=full_label_key, names=output_label_key),
         ]
     )
 

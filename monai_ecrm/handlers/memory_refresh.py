@@ -1,0 +1,188 @@
+"""Rebuild the ECRM memory with the final weights: after training, or from a site's own cases before deployment."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from monai.utils import IgniteInfo, min_version, optional_import
+from torch import nn
+from torch.utils.data import DataLoader
+
+from monai_ecrm.handlers.aux_supervision import find_module, unwrap_network
+from monai_ecrm.handlers.memory_bank import find_memory_bank, memory_stats, resolve_event
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["MemoryRefreshHandler", "refresh_memory"]
+
+
+class _StopAfterMemoryWrite(Exception):
+    """Raised by the forward hook once ECRM has written its prototypes: the rest of the network is not needed."""
+
+
+def _batches(source: Iterable, image_key: str) -> Iterator[torch.Tensor]:
+    """Image batches from a DataLoader (batches) or from a dataset/sequence (single items, one per batch)."""
+    batched = isinstance(source, DataLoader)
+    for item in source:
+        if isinstance(item, Mapping):
+            image = item[image_key]
+        elif isinstance(item, (list, tuple)):
+            image = item[0]
+        else:
+            image = item
+        image = torch.as_tensor(image)
+        yield image if batched else image.unsqueeze(0)
+
+
+def refresh_memory(
+    network: nn.Module,
+    loader_or_dataset: Iterable,
+    device: str | torch.device | None = None,
+    module_name: str = "ecrm",
+    image_key: str = "image",
+    reset: bool = True,
+) -> int:
+    """Rebuild the ECRM memory from a set of images with the network's current weights.
+
+    At the end of training the memory holds prototypes written by the weights of the last iterations, each one by a
+    slightly older network. This writes them again with the final weights, exactly as training writes them (the
+    softmax over space of the model's own coarse mask weighting the embedded features,
+    :func:`~monai_ecrm.networks.blocks.class_prototypes`), but with every BatchNorm in eval mode, no gradient and no
+    change to any weight or running statistic. It also fills the memory from a site's own cases before deployment.
+
+    Labels are not used: the prototypes are weighted by the model's coarse mask, as in training, so any
+    representative set of images works (a "labelled set" only in the sense that it is the set the memory should
+    represent, e.g. the training images); items may carry a label, it is ignored.
+
+    Order: items are written in the order the loader yields them (use an unshuffled loader, or a dataset/list, for
+    dataset order), batch by batch, in ring order. With more images than slots the last ``bank_size`` remain
+    (``MemoryBank.slots()`` returns them oldest first). Non-finite prototypes are refused and counted as in training.
+    Under ``torch.distributed`` with several ranks, call it on every rank with the rank's shard (a
+    ``DistributedSampler`` with ``shuffle=False``): each write gathers the ranks' prototypes in rank order, so every
+    rank ends with the same memory.
+
+    Only the encoder and ECRM run: the forward pass is stopped once ECRM has written (the decoder is skipped). The
+    training/eval flags of all modules are restored afterwards.
+
+    Args:
+        network: an ECRM network (DDP/compile wrappers are unwrapped).
+        loader_or_dataset: a ``DataLoader`` (its batches are used as they come) or any iterable of single items (a
+            dataset, a list): dicts with ``image_key``, ``(image, ...)`` tuples or image tensors ``[C, *spatial]``.
+        device: where to run; ``None`` uses the device of the network's parameters.
+        module_name: dotted path of the ECRM module.
+        image_key: key of the image in dict items.
+        reset: empty the memory first (default); ``False`` appends to what is there.
+
+    Returns:
+        The number of prototypes written (one per image; refused ones not counted).
+    """
+    # the plain module: a DDP wrapper would synchronise buffers in its forward
+    network = unwrap_network(network)
+    ecrm = find_module(network, module_name)
+    bank = find_memory_bank(network, module_name)
+    if device is None:
+        parameter = next(network.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    modes = {module: module.training for module in network.modules()}
+    if reset:
+        bank.reset()
+    before = memory_stats(bank)
+    images = 0
+
+    def _stop(module: nn.Module, args: Any, output: Any) -> None:
+        raise _StopAfterMemoryWrite
+
+    handle = ecrm.register_forward_hook(_stop)
+    try:
+        network.eval()
+        # only the flags that gate the memory write: ECRM's own layers (BatchNorm included) stay in eval mode
+        ecrm.training = True
+        bank.training = True
+        with torch.no_grad():
+            for image in _batches(loader_or_dataset, image_key):
+                images += image.shape[0]
+                try:
+                    network(image.to(device))
+                except _StopAfterMemoryWrite:
+                    pass
+    finally:
+        handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return images - (int(bank.rejected) - before["rejected"])
+
+
+class MemoryRefreshHandler:
+    """Runs :func:`refresh_memory` on ``engine.network`` at an event (by default when training completes), so the
+    memory saved with the final weights was written by those weights.
+
+    List it before the ``CheckpointSaver`` that writes the final model at ``COMPLETED`` so the saved memory is the
+    refreshed one (handlers of one event run in the order they were attached).
+
+    Events used: ``event`` (default ``COMPLETED``). Written to ``engine.state``: ``ecrm_refreshed``, the number of
+    prototypes written.
+
+    Args:
+        loader: the images to write (a ``DataLoader``, unshuffled for dataset order, or a dataset/list); see
+            :func:`refresh_memory` for order and what is read.
+        event: an ignite event or its name.
+        module_name: dotted path of the ECRM module.
+        image_key: key of the image in the items.
+        reset: empty the memory first.
+        name: logger name; ``None`` uses ``engine.logger``.
+    """
+
+    def __init__(
+        self,
+        loader: Iterable,
+        event: Any = "COMPLETED",
+        module_name: str = "ecrm",
+        image_key: str = "image",
+        reset: bool = True,
+        name: str | None = None,
+    ) -> None:
+        self.loader = loader
+        self.event = resolve_event(event)
+        self.module_name = module_name
+        self.image_key = image_key
+        self.reset = reset
+        self._name = name
+        self.logger = logging.getLogger(name)
+
+    def attach(self, engine: Engine) -> None:
+        """Register :meth:`__call__` at ``event``.
+
+        Args:
+            engine: a MONAI engine with a ``network``.
+        """
+        if self._name is None:
+            self.logger = engine.logger
+        engine.add_event_handler(self.event, self)
+
+    def __call__(self, engine: Engine) -> None:
+        """Rebuild the memory of ``engine.network`` from ``loader``.
+
+        Args:
+            engine: the engine this handler is attached to.
+        """
+        device = getattr(engine.state, "device", None)
+        written = refresh_memory(
+            engine.network,
+            self.loader,
+            device=device,
+            module_name=self.module_name,
+            image_key=self.image_key,
+            reset=self.reset,
+        )
+        engine.state.ecrm_refreshed = written
+        stats = memory_stats(find_memory_bank(engine.network, self.module_name))
+        self.logger.info(
+            f"ECRM memory refreshed with the current weights: {written} prototype(s) written, "
+            f"{stats['filled']}/{stats['slots']} slots filled."
+        )
