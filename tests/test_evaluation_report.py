@@ -120,6 +120,9 @@ def test_overlay_draws_contours_where_the_masks_end_in_either_layout():
     assert tuple(picture[5, 20]) == GT_COLOUR and tuple(picture[10, 10]) == GT_COLOUR, "the mask's border rows/cols"
     assert tuple(picture[10, 20]) not in (GT_COLOUR, PRED_COLOUR), "the inside is the image"
     assert tuple(picture[18, 5]) == PRED_COLOUR and tuple(picture[21, 2]) == PRED_COLOUR
-    transposed = render_overlay(image.transpose(1, 2), pred.transpose(1, 2), label.transpose(1, 2), 0.5, "WH", 1)
-    assert np.array_equal(transposed[label[0] > 0], picture[label[0] > 0]), "MONAI's (W, H) layout is drawn upright"
+    # an inverted prediction in MONAI's (W, H) layout over the network input in rows-first layout: drawn upright
+    transposed = render_overlay(image, pred.transpose(1, 2), label.transpose(1, 2), 0.5, "WH", 1, image_layout="HW")
+    assert np.array_equal(transposed, picture), "MONAI's (W, H) layout is drawn upright"
+    both_transposed = render_overlay(image.transpose(1, 2), pred.transpose(1, 2), label.transpose(1, 2), 0.5, "WH", 1)
+    assert np.array_equal(both_transposed, picture)
     assert render_overlay(None, pred, label, caption="Dice 0.000").shape == (30 + 14, 40, 3)

@@ -63,9 +63,11 @@ class EvaluationReport:
         default_dataset: the dataset name of items without ``dataset_key``.
         worst_k: overlays per dataset; 0 writes none.
         threshold: binarisation of Dice, IoU, precision, recall and of the predicted contour (``pred > threshold``).
-        spatial_layout: ``"HW"`` when the tensors' spatial axes are rows then columns (this project's pipeline
-            layout), ``"WH"`` for MONAI's reader and writer layout (an inverted prediction): the overlays are
-            drawn as the picture is displayed.
+        spatial_layout: layout of ``pred`` and ``label``: ``"HW"`` when their spatial axes are rows then columns
+            (this project's pipeline layout), ``"WH"`` for MONAI's reader and writer layout (a prediction inverted
+            to the source's size): the overlays are drawn as the picture is displayed.
+        image_layout: layout of the image; ``None``: that of ``pred`` (an image inverted with the prediction).
+            ``"HW"`` for this project's network input when the prediction alone is inverted to ``"WH"``.
         contour_width: contour thickness in pixels.
     """
 
@@ -80,9 +82,12 @@ class EvaluationReport:
         threshold: float = 0.5,
         spatial_layout: str = "HW",
         contour_width: int = 2,
+        image_layout: str | None = None,
     ) -> None:
-        if spatial_layout not in ("HW", "WH"):
-            raise ValueError(f"spatial_layout must be 'HW' or 'WH', got {spatial_layout!r}.")
+        image_layout = image_layout or spatial_layout
+        for name, layout in (("spatial_layout", spatial_layout), ("image_layout", image_layout)):
+            if layout not in ("HW", "WH"):
+                raise ValueError(f"{name} must be 'HW' or 'WH', got {layout!r}.")
         self.output_dir = Path(output_dir)
         self.output_transform = output_transform
         self.image_key = image_key
@@ -92,6 +97,7 @@ class EvaluationReport:
         self.threshold = threshold
         self.spatial_layout = spatial_layout
         self.contour_width = contour_width
+        self.image_layout = image_layout
         self.rows: list[dict[str, Any]] = []
         self.summary: list[dict[str, Any]] = []
         self._worst: dict[str, list[tuple[float, int, str, np.ndarray]]] = {}
@@ -181,7 +187,14 @@ class EvaluationReport:
         if len(kept) >= self.worst_k and key <= kept[0][:2]:
             return
         overlay = render_overlay(
-            image, pred, label, self.threshold, self.spatial_layout, self.contour_width, caption=_caption(row)
+            image,
+            pred,
+            label,
+            self.threshold,
+            self.spatial_layout,
+            self.contour_width,
+            _caption(row),
+            self.image_layout,
         )
         entry = (*key, row["filename"], overlay)
         if len(kept) < self.worst_k:
@@ -218,8 +231,9 @@ def render_overlay(
     spatial_layout: str = "HW",
     contour_width: int = 2,
     caption: str = "",
+    image_layout: str | None = None,
 ) -> np.ndarray:
-    """Draws the ground-truth contour (green) and the predicted contour (magenta) on the image.
+    """Draws the ground-truth contour (green) and the predicted contour (magenta) on the image, upright.
 
     Args:
         image: ``(C, h, w)`` (1 or 3 channels used, any size: resized to the prediction's, any intensity range:
@@ -227,19 +241,21 @@ def render_overlay(
         pred: ``(1, H, W)`` foreground probabilities; the contour is that of ``pred > threshold``.
         label: ``(1, H, W)`` binary mask.
         threshold: binarisation of the prediction.
-        spatial_layout: ``"HW"`` (rows first) or ``"WH"`` (MONAI's reader layout), see :class:`EvaluationReport`.
+        spatial_layout: layout of ``pred`` and ``label``: ``"HW"`` (rows first) or ``"WH"`` (MONAI's reader
+            layout), see :class:`EvaluationReport`.
         contour_width: contour thickness in pixels.
         caption: text written on a strip below the image; none when empty.
+        image_layout: layout of ``image``, ``"HW"`` or ``"WH"``; ``None``: ``spatial_layout``.
 
     Returns:
-        An RGB ``uint8`` array ``(H, W, 3)`` (with the caption strip below when given).
+        An RGB ``uint8`` array ``(rows, columns, 3)`` (with the caption strip below when given).
     """
-    pred, label = pred.detach().float().cpu(), label.detach().float().cpu()
+    pred, label = (_upright(x.detach().float().cpu(), spatial_layout) for x in (pred, label))
     height, width = pred.shape[1:]
     if image is None:
         background = torch.zeros((3, height, width))
     else:
-        background = torch.as_tensor(image).detach().float().cpu()
+        background = _upright(torch.as_tensor(image).detach().float().cpu(), image_layout or spatial_layout)
         background = background[:3] if background.shape[0] >= 3 else background[:1].expand(3, -1, -1)
         if background.shape[1:] != pred.shape[1:]:
             background = torch.nn.functional.interpolate(
@@ -251,13 +267,19 @@ def render_overlay(
     for mask, colour in ((label > 0.5, GT_COLOUR), (pred > threshold, PRED_COLOUR)):
         edge = _contour(mask[0], contour_width)
         canvas[:, edge] = torch.tensor(colour, dtype=torch.uint8).view(3, 1)
-    picture = canvas.permute(1, 2, 0) if spatial_layout == "HW" else canvas.permute(2, 1, 0)
-    picture = np.ascontiguousarray(picture.numpy())
+    picture = np.ascontiguousarray(canvas.permute(1, 2, 0).numpy())
     if not caption:
         return picture
     strip = Image.new("RGB", (picture.shape[1], 14), (0, 0, 0))
     ImageDraw.Draw(strip).text((2, 1), caption, fill=(255, 255, 255))
     return np.concatenate([picture, np.asarray(strip)], axis=0)
+
+
+def _upright(data: torch.Tensor, layout: str) -> torch.Tensor:
+    """``(C, H, W)`` rows first, from either layout."""
+    if layout not in ("HW", "WH"):
+        raise ValueError(f"a spatial layout is 'HW' or 'WH', got {layout!r}.")
+    return data if layout == "HW" else data.transpose(1, 2)
 
 
 def _contour(mask: torch.Tensor, width: int) -> torch.Tensor:
