@@ -17,11 +17,12 @@ Writing
 
     highdicom (0.28) builds segmentations of single-frame sources without a frame of reference (secondary captures,
     VL endoscopic images), but refuses multi-frame sources without one (multi-frame secondary captures, endoscopic
-    video: highdicom issue #284). For those, highdicom builds the segmentation of the first frame from a single-frame
-    view of the source, and the other frames are added the way highdicom itself references frames: one per-frame
-    functional group per source frame whose Source Image Sequence names the source instance, its SOP class and the
-    Referenced Frame Number, and a second dimension (Temporal Position Index in the Frame Content Sequence) beside
-    the Referenced Segment Number. ``highdicom.seg.segread(...).get_pixels_by_source_frame`` reads them back.
+    video: highdicom issue #284). For those, highdicom builds the segmentation (every module, the segment, the
+    references) from a single-frame view of the source, then the frames are laid out the way highdicom references
+    the frames of a multi-frame source: one per-frame functional group per source frame whose Source Image Sequence
+    names the source instance, its true SOP class and the Referenced Frame Number, and a second dimension (Temporal
+    Position Index in the Frame Content Sequence) beside the Referenced Segment Number.
+    ``highdicom.seg.segread(...).get_pixels_by_source_frame`` reads them back.
 
 :class:`SaveDicomSegd` is the post-processing step that writes every prediction: a SEG per DICOM source instance
 (frames of a multi-frame source are collected, bit-packed, until the last one arrives), the bundle's PNG/NIfTI masks
@@ -32,6 +33,7 @@ so an interrupted job leaves no half-written output.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -129,7 +131,7 @@ def _fail(path: str | os.PathLike, problem: str) -> DataError:
 
 def _sop_class_name(dataset) -> str:
     sop_class = dataset.get("SOPClassUID")
-    return f"'{sop_class.name}'" if sop_class is not None else "of unknown SOP class"
+    return f"SOP class '{sop_class.name}'" if sop_class is not None else "unknown SOP class"
 
 
 def read_dicom_source(path: str | os.PathLike):
@@ -157,9 +159,11 @@ def read_dicom_source(path: str | os.PathLike):
         raise _fail(path, "not a DICOM file (no 'DICM' preamble)") from None
     except Exception as error:  # pydicom raises many types on damaged files
         raise _fail(path, f"unreadable DICOM file: {error}") from None
+    if "SOPClassUID" not in dataset:  # pydicom reads damaged files leniently: a real DICOM object names its class
+        raise _fail(path, "unreadable DICOM file: no SOP Class UID")
     if "PixelData" not in dataset:
         kind = "float pixel data" if "FloatPixelData" in dataset else "no Pixel Data"
-        raise NotAnImageError([(str(path), f"not an image: SOP class {_sop_class_name(dataset)}, {kind}")])
+        raise NotAnImageError([(str(path), f"not an image: {_sop_class_name(dataset)}, {kind}")])
     if str(dataset.get("SOPClassUID", "")) in _SEGMENTATION_SOP_CLASSES or dataset.get("Modality") == "SEG":
         raise NotAnImageError([(str(path), "a segmentation, not an image to segment")])
     missing = [keyword for keyword in _REFERENCE_KEYWORDS if not dataset.get(keyword)]
@@ -251,7 +255,7 @@ def iter_dicom_frames(
     for later in range(index, info.frames):
         try:
             data = pixel_array(path, index=later if multi else None)
-        except Exception as error:  # noqa: PERF203 - each frame is reported on its own
+        except Exception as error:  # each frame is reported on its own
             yield undecodable(later, error)
             continue
         yield frame(later, data)
@@ -310,17 +314,26 @@ def bundle_version(bundle_root: str | os.PathLike | None = None) -> str:
 def _is_multiframe_iod(dataset) -> bool:
     """Whether highdicom takes the source for a multi-frame image (its IOD has Number of Frames), which it can only
     segment with a frame of reference."""
+    return _is_multiframe_class(str(dataset.SOPClassUID), "NumberOfFrames" in dataset)
+
+
+@functools.lru_cache(maxsize=64)
+def _is_multiframe_class(sop_class_uid: str, has_number_of_frames: bool) -> bool:
+    from pydicom.dataset import Dataset
+
+    probe = Dataset()
+    probe.SOPClassUID = sop_class_uid
     try:
         from highdicom._standard_utils import is_multiframe_image  # the test highdicom itself applies
 
-        return bool(is_multiframe_image(dataset))
+        return bool(is_multiframe_image(probe))
     except (ImportError, KeyError, AttributeError):  # another highdicom, or a SOP class it does not know
-        return "NumberOfFrames" in dataset
+        return has_number_of_frames
 
 
 def _prepared_source(header):
     """A copy of the source header with what highdicom needs: no pixel data, the type 2 patient/study attributes."""
-    source = copy.copy(header)
+    source = copy.deepcopy(header)
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in source:
             delattr(source, keyword)
@@ -381,6 +394,7 @@ def _highdicom_seg(
         device_serial_number=socket.gethostname() or "unknown",
         content_label="POLYP",
         content_description="Polyp segmentation (research use only)",
+        series_description=f"Polyp segmentation ({ALGORITHM_NAME})",
         omit_empty_frames=False,
     )
 
@@ -428,7 +442,7 @@ def _multiframe_seg(
     from pydicom.dataset import Dataset
 
     rows, columns = int(source.Rows), int(source.Columns)
-    view = copy.copy(source)
+    view = copy.deepcopy(source)
     view.SOPClassUID = _SECONDARY_CAPTURE
     for keyword in ("NumberOfFrames", "FrameIncrementPointer", "FrameOfReferenceUID"):
         if keyword in view:
@@ -529,7 +543,7 @@ def _derive_seg(
     except (ValueError, TypeError, AttributeError, KeyError) as error:
         source_path = str(getattr(source, "filename", "") or "source")
         raise _fail(
-            source_path, f"highdicom cannot derive a segmentation from this {_sop_class_name(source)} image: {error}"
+            source_path, f"highdicom cannot derive a segmentation from this image ({_sop_class_name(source)}): {error}"
         ) from None
 
 
@@ -638,6 +652,7 @@ class SaveDicomSegd(MapTransform):
         self._pending: dict[str, _PendingSeg] = {}
         self._partial: Path | None = None
         self._png_writer: SavePredictiond | None = None
+        self._header: tuple[str, int, Any] | None = None
 
     # ---------------------------------------------------------------------------------------------- atomic files
     def _partial_dir(self) -> Path:
@@ -658,6 +673,7 @@ class SaveDicomSegd(MapTransform):
         if self._partial is not None:
             _remove_partial(self._partial)
             self._partial = None
+            self._png_writer = None  # it writes into the folder just removed
 
     def _publish(self, written: Path, final: Path) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -700,8 +716,21 @@ class SaveDicomSegd(MapTransform):
             algorithm_parameters=self.algorithm_parameters,
         )
 
+    def source_header(self, source_path: str | os.PathLike):
+        """The header of a DICOM source (:func:`read_dicom_source`), read once: the last one read is kept, so a job
+        that reads it before segmenting the frames does not read it again to write the SEG.
+
+        Args:
+            source_path: the DICOM source file.
+        """
+        key = str(source_path)
+        stamp = os.stat(key).st_mtime_ns
+        if self._header is None or self._header[:2] != (key, stamp):
+            self._header = (key, stamp, read_dicom_source(key))
+        return self._header[2]
+
     def _write_seg(self, source_path: str, masks: np.ndarray | None, pending: _PendingSeg | None) -> Path:
-        header = read_dicom_source(source_path)
+        header = self.source_header(source_path)
         identification = self._identification(header)
         if pending is None:
             seg = build_dicom_seg(header, masks, fractional=self.probabilities, **identification)

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,6 @@ from monai_ecrm.dicom_seg import (
     bundle_version,
     iter_dicom_frames,
     prediction_path,
-    read_dicom_source,
 )
 from monai_ecrm.transforms import LoadPolypImaged, infer_postprocessing, infer_transforms, normalization_for_backbone
 
@@ -143,7 +143,9 @@ def load_model(
         raise ValueError("give exactly one of checkpoint (a model.pt state dict) and torchscript (a model.ts file)")
     if torchscript is not None:
         try:
-            model = torch.jit.load(str(torchscript), map_location=device)
+            with warnings.catch_warnings():  # torch 2.13 deprecates it, but it is how ckpt_export's files load
+                warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated", category=DeprecationWarning)
+                model = torch.jit.load(str(torchscript), map_location=device)
         except Exception as error:  # RuntimeError, ValueError, OSError from the TorchScript loader
             raise ValueError(f"{torchscript}: not a loadable TorchScript model: {error}") from None
         return model.eval()
@@ -341,7 +343,7 @@ class ClinicalInference:
 
     def _frames(self, path: Path, fmt: str) -> tuple[Iterable[Any], int]:
         if fmt == "dicom":
-            header = read_dicom_source(path)
+            header = self.writer.source_header(path)
             info = probe_picture(path)
             frames = iter_dicom_frames(path, header, info)
             return ({"image": frame} if not isinstance(frame, DataError) else frame for frame in frames), info.frames
@@ -390,6 +392,8 @@ class ClinicalInference:
             problems.append(_problem(error))
             segmented = 0
         written = [str(output) for output in expected if output.is_file()]
+        if not problems and len(written) < len(expected):
+            problems.append(f"not written: {', '.join(str(o) for o in expected if str(o) not in written)}")
         if not problems:
             return InputResult(str(path), "written", written)
         status = "partial" if segmented and written else "failed"

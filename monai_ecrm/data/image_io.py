@@ -401,7 +401,11 @@ def _read_dicom(path: str | os.PathLike, frame: int | None) -> tuple[np.ndarray,
     index = _frame_index(info, frame)
     try:
         # pydicom converts YBR_FULL and YBR_FULL_422 to RGB; the JPEG 2000 decoders undo YBR_RCT and YBR_ICT.
-        data = pixel_array(dataset, index=index if info.frames > 1 else None)
+        if info.frames > 1:
+            # from the path, pydicom reads and decodes this frame only, not the whole video
+            data = pixel_array(os.fspath(path), index=index)
+        else:
+            data = pixel_array(dataset)
     except Exception as error:  # decoders raise RuntimeError, ValueError, NotImplementedError, ...
         syntax = dataset.file_meta.TransferSyntaxUID
         raise _fail(path, f"cannot decode DICOM pixel data ({syntax.name}): {error}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,7 +20,11 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["MemoryRefreshHandler", "refresh_memory"]
+__all__ = ["MemoryRefreshHandler", "REFRESH_MODES", "refresh_memory"]
+
+
+#: accepted values of ``refresh_memory(distributed=...)``
+REFRESH_MODES = ("auto", "replicated", "sharded")
 
 
 class _StopAfterMemoryWrite(Exception):
@@ -47,6 +52,7 @@ def refresh_memory(
     module_name: str = "ecrm",
     image_key: str = "image",
     reset: bool = True,
+    distributed: str = "auto",
 ) -> int:
     """Rebuild the ECRM memory from a set of images with the network's current weights.
 
@@ -63,9 +69,21 @@ def refresh_memory(
     Order: items are written in the order the loader yields them (use an unshuffled loader, or a dataset/list, for
     dataset order), batch by batch, in ring order. With more images than slots the last ``bank_size`` remain
     (``MemoryBank.slots()`` returns them oldest first). Non-finite prototypes are refused and counted as in training.
-    Under ``torch.distributed`` with several ranks, call it on every rank with the rank's shard (a
-    ``DistributedSampler`` with ``shuffle=False``): each write gathers the ranks' prototypes in rank order, so every
-    rank ends with the same memory.
+
+    Under ``torch.distributed`` with several ranks, call it on every rank (it is collective); every rank ends with
+    the same memory. ``distributed`` says what the ranks pass:
+
+    - ``"replicated"``: every rank passes the same images. Rank 0 writes them, its writes not gathered
+      (:meth:`~monai_ecrm.networks.blocks.MemoryBank.local_writes`), so the memory is exactly what one process
+      writes; then it broadcasts the memory buffers (and the count) to the other ranks, which run no forward pass.
+      This also makes the result independent of the BatchNorm running statistics, which DDP leaves slightly
+      different on each rank after the last training step.
+    - ``"sharded"``: each rank passes its own shard (a ``DistributedSampler``); every batch's prototypes are gathered
+      in rank order (step ``k`` writes the ``k``-th batch of rank 0, then of rank 1, ...). All ranks must yield the
+      same number of batches: checked beforehand when the loader has a length (an error, not a hang). MONAI's
+      ``DistributedSampler(even_divisible=True)`` pads a shard by repeating images, which are then written twice.
+    - ``"auto"`` (default): ``"sharded"`` when ``loader_or_dataset`` is a loader whose sampler is a
+      ``torch.utils.data.DistributedSampler`` (MONAI's included), else ``"replicated"``.
 
     Only the encoder and ECRM run: the forward pass is stopped once ECRM has written (the decoder is skipped). The
     training/eval flags of all modules are restored afterwards.
@@ -78,10 +96,14 @@ def refresh_memory(
         module_name: dotted path of the ECRM module.
         image_key: key of the image in dict items.
         reset: empty the memory first (default); ``False`` appends to what is there.
+        distributed: ``"auto"``, ``"replicated"`` or ``"sharded"`` (see above); ignored without several ranks.
 
     Returns:
-        The number of prototypes written (one per image; refused ones not counted).
+        The number of prototypes written (one per image, over all ranks when sharded; refused ones not counted); the
+        same on every rank.
     """
+    if distributed not in REFRESH_MODES:
+        raise ValueError(f"refresh_memory: distributed must be one of {REFRESH_MODES}, got {distributed!r}.")
     # the plain module: a DDP wrapper would synchronise buffers in its forward
     network = unwrap_network(network)
     ecrm = find_module(network, module_name)
@@ -89,10 +111,62 @@ def refresh_memory(
     if device is None:
         parameter = next(network.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
+    mode = _distributed_mode(loader_or_dataset, distributed)
+    if mode == "sharded":
+        _check_equal_batch_counts(loader_or_dataset, bank.memory.device)
+    rejected_before = int(bank.rejected)
+    images = 0
+    if mode != "replicated" or torch.distributed.get_rank() == 0:
+        with bank.local_writes() if mode == "replicated" else nullcontext():
+            images = _write_memory(network, ecrm, bank, loader_or_dataset, device, image_key, reset)
+    if mode == "sharded":
+        total = torch.tensor([images], dtype=torch.long, device=bank.memory.device)
+        torch.distributed.all_reduce(total)
+        images = int(total.item())
+    written = torch.tensor([images - (int(bank.rejected) - rejected_before)], dtype=torch.long)
+    if mode == "replicated":
+        written = written.to(bank.memory.device)
+        for buffer in bank.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+        torch.distributed.broadcast(written, src=0)
+    return int(written.item())
+
+
+def _distributed_mode(source: Iterable, distributed: str) -> str:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return "local"
+    if distributed != "auto":
+        return distributed
+    sampler = getattr(source, "sampler", None)
+    return "sharded" if isinstance(sampler, torch.utils.data.distributed.DistributedSampler) else "replicated"
+
+
+def _check_equal_batch_counts(source: Iterable, device: torch.device) -> None:
+    """Raise on every rank (instead of hanging in a gather) when the ranks' loaders yield different batch counts."""
+    try:
+        count = len(source)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    extremes = torch.tensor([count, -count], dtype=torch.long, device=device)
+    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+    largest, smallest = int(extremes[0]), -int(extremes[1])
+    if largest != smallest:
+        raise ValueError(
+            f"refresh_memory(distributed='sharded'): the ranks' loaders yield between {smallest} and {largest} "
+            "batches; every write is collective, so they must yield the same number (use a DistributedSampler that "
+            "gives equal shards, e.g. MONAI's with even_divisible=True, or pass the same images on every rank with "
+            "distributed='replicated')."
+        )
+
+
+def _write_memory(
+    network: nn.Module, ecrm: nn.Module, bank: Any, source: Iterable, device: Any, image_key: str, reset: bool
+) -> int:
+    """Run the encoder and ECRM over ``source`` with the memory writes on; the number of images seen."""
     modes = {module: module.training for module in network.modules()}
     if reset:
         bank.reset()
-    before = memory_stats(bank)
     images = 0
 
     def _stop(module: nn.Module, args: Any, output: Any) -> None:
@@ -105,7 +179,7 @@ def refresh_memory(
         ecrm.training = True
         bank.training = True
         with torch.no_grad():
-            for image in _batches(loader_or_dataset, image_key):
+            for image in _batches(source, image_key):
                 images += image.shape[0]
                 try:
                     network(image.to(device))
@@ -115,7 +189,7 @@ def refresh_memory(
         handle.remove()
         for module, training in modes.items():
             module.training = training
-    return images - (int(bank.rejected) - before["rejected"])
+    return images
 
 
 class MemoryRefreshHandler:
@@ -135,6 +209,8 @@ class MemoryRefreshHandler:
         module_name: dotted path of the ECRM module.
         image_key: key of the image in the items.
         reset: empty the memory first.
+        distributed: ``"auto"``, ``"replicated"`` or ``"sharded"``: what the ranks' loaders hold under
+            ``torch.distributed`` (see :func:`refresh_memory`; the handler must run on every rank).
         name: logger name; ``None`` uses ``engine.logger``.
     """
 
@@ -145,13 +221,17 @@ class MemoryRefreshHandler:
         module_name: str = "ecrm",
         image_key: str = "image",
         reset: bool = True,
+        distributed: str = "auto",
         name: str | None = None,
     ) -> None:
+        if distributed not in REFRESH_MODES:
+            raise ValueError(f"MemoryRefreshHandler: distributed must be one of {REFRESH_MODES}, got {distributed!r}.")
         self.loader = loader
         self.event = resolve_event(event)
         self.module_name = module_name
         self.image_key = image_key
         self.reset = reset
+        self.distributed = distributed
         self._name = name
         self.logger = logging.getLogger(name)
 
@@ -179,6 +259,7 @@ class MemoryRefreshHandler:
             module_name=self.module_name,
             image_key=self.image_key,
             reset=self.reset,
+            distributed=self.distributed,
         )
         engine.state.ecrm_refreshed = written
         stats = memory_stats(find_memory_bank(engine.network, self.module_name))

@@ -157,7 +157,7 @@ def _histogram(pred: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
     if batch > 1:
         offsets = torch.arange(batch, device=pred.device, dtype=torch.int32) * (2 * _LEVELS)
         key = key.add_(offsets.view(-1, 1, 1))
-    counts = torch.bincount(key.view(-1), minlength=2 * _LEVELS * batch)
+    counts = torch.bincount(key.reshape(-1), minlength=2 * _LEVELS * batch)
     return counts.view(batch, 2, _LEVELS).cpu().numpy()
 
 

@@ -7,7 +7,8 @@ memory exactly. The seed listing kept its "full" flag as a plain Python attribut
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -36,7 +37,8 @@ class MemoryBank(nn.Module):
       BatchNorm's running statistics) and never takes gradient;
     - prototypes with a non-finite value are refused: counted in ``rejected``, warned about, never stored;
     - under ``torch.distributed`` with more than one rank the prototypes of all ranks are gathered (in rank order,
-      unequal batch sizes allowed) before the write, so every rank holds the same memory;
+      unequal batch sizes allowed) before the write, so every rank holds the same memory (except inside
+      :meth:`local_writes`);
     - the memory is stored in float32 whatever the autocast dtype of the caller.
 
     Buffers (all persistent): ``memory`` ``[S, K, C]`` float32, ``pointer`` (next slot to write), ``filled``
@@ -77,6 +79,7 @@ class MemoryBank(nn.Module):
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("rejected", torch.zeros((), dtype=torch.long))
+        self._local_writes = False
 
     def extra_repr(self) -> str:
         return f"num_slots={self.num_slots}, num_classes={self.num_classes}, channels={self.channels}"
@@ -102,6 +105,19 @@ class MemoryBank(nn.Module):
             self.memory.zero_()
             self.pointer.zero_()
             self.filled.zero_()
+
+    @contextmanager
+    def local_writes(self) -> Iterator[None]:
+        """Within this block writes are not gathered across ranks: a rank stores only its own prototypes.
+
+        For code that writes the memory on one rank and then broadcasts it to the others (as
+        :func:`~monai_ecrm.handlers.refresh_memory` does); without ``torch.distributed`` it changes nothing.
+        """
+        previous, self._local_writes = self._local_writes, True
+        try:
+            yield
+        finally:
+            self._local_writes = previous
 
     def enqueue(self, prototypes: torch.Tensor) -> None:
         """Write a batch of prototypes ``[B, K, C]`` in ring order (training mode only; no gradient).
@@ -148,7 +164,8 @@ class MemoryBank(nn.Module):
     def _gather_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenate the prototypes of every rank in rank order (unequal batch sizes allowed)."""
         dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        local = getattr(self, "_local_writes", False)  # modules pickled before this flag existed
+        if local or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return values
         world_size = dist.get_world_size()
         local_count = torch.tensor([values.shape[0]], device=values.device, dtype=torch.long)

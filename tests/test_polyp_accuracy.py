@@ -1,0 +1,100 @@
+"""benchmarks/polyp_accuracy.py end to end at a tiny size on a tiny SYNTHETIC set laid out like ../shared/data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai_ecrm.data import make_demo_dataset
+from monai_ecrm.metrics.functional import SUITE_KEYS
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "polyp_accuracy.py"
+TINY = ["--size", "64", "--batch-size", "2", "--seeds", "0", "--init", "random", "--val-fraction", "0.34"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 synthetic pairs as fake Kvasir-SEG and CVC-ClinicDB roots with PraNet-style id lists: 6 train, 1 + 1 test."""
+    tmp = tmp_path_factory.mktemp("polyp_accuracy")
+    demo = make_demo_dataset(tmp / "demo", num_images=8, size=64)
+    root = tmp / "data"
+    (root / "pranet_split").mkdir(parents=True)
+    (root / "kvasir_seg").symlink_to(demo)
+    (root / "cvc_clinicdb").symlink_to(demo)
+    ids = sorted(path.stem for path in (demo / "images").iterdir())
+    lists = {
+        "train_kvasir.txt": ids[:4],
+        "train_clinicdb.txt": ids[4:6],
+        "test_kvasir.txt": ids[6:7],
+        "test_clinicdb.txt": ids[7:8],
+    }
+    for name, stems in lists.items():
+        (root / "pranet_split" / name).write_text("\n".join(stems) + "\n")
+    return root
+
+
+def _run(data_root: Path, work_dir: Path, *options: str) -> str:
+    command = [sys.executable, str(SCRIPT), "--data", str(data_root), "--work-dir", str(work_dir), *TINY, *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_train_evaluate_and_resume_after_interruption(data_root: Path, tmp_path: Path) -> None:
+    work = tmp_path / "runs"
+    models = ["--models", "ecrm,no_ecrm", "--steps", "4"]
+    # first invocation: checkpoints every step and stops after 2 of 4 (what a kill after a checkpoint leaves)
+    _run(data_root, work, *models, "--ckpt-every", "1", "--stop-after", "2")
+    for model in ("ecrm", "no_ecrm"):
+        run_dir = work / f"{model}-random-seed0"
+        assert not (run_dir / "result.json").exists()
+        checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+        assert checkpoint["step"] == 2
+        assert {"model", "optimizer", "scheduler", "rng", "config"} <= set(checkpoint)
+    # second invocation: continues at step 2
+    log = _run(data_root, work, *models)
+    assert "ecrm-random-seed0: resuming from step 2 of 4" in log
+    assert "no_ecrm-random-seed0: resuming from step 2 of 4" in log
+    report = json.loads((work / "results.json").read_text())
+    runs = {run["model"]: run for run in report["runs"]}
+    assert set(runs) == {"ecrm", "no_ecrm"}
+    for run in runs.values():
+        assert run["steps"] == 4 and run["resumed_from_step"] == 2
+        assert [(s["start"], s["end"]) for s in run["segments"]] == [(0, 2), (2, 4)]
+        assert run["train_images"] == 4 and run["val_images"] == 2 and run["train_images_per_s"] > 0
+        assert set(run["summary"]) == {"val", "kvasir", "clinicdb"}
+        for name, summary in run["summary"].items():
+            assert set(SUITE_KEYS) <= set(summary) and summary["images"] == (2 if name == "val" else 1)
+    assert runs["ecrm"]["memory_refreshed_images"] == 4 and runs["no_ecrm"]["memory_refreshed_images"] is None
+    entry = report["aggregate"][0]
+    assert entry["summary"]["kvasir"]["dice"]["n"] == 1 and entry["summary"]["kvasir"]["dice"]["sd"] is None
+    table = (work / "results.md").read_text()
+    assert "| Model | Init | Steps | Seeds | mDice | mIoU |" in table
+    assert "| ecrm | random | 4 | 0 |" in table and "| no_ecrm | random | 4 | 0 |" in table
+    assert "Differences within one standard deviation" in table and "ecrm vs no_ecrm" in table
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted_run_and_merge(data_root: Path, tmp_path: Path) -> None:
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    options = ["--models", "ecrm", "--steps", "3"]
+    _run(data_root, interrupted, *options, "--ckpt-every", "1", "--stop-after", "1")
+    _run(data_root, interrupted, *options)
+    _run(data_root, straight, *options, "--save-best", str(tmp_path / "model.pt"))
+    first = torch.load(interrupted / "ecrm-random-seed0" / "final_model.pt", weights_only=True)
+    second = torch.load(straight / "ecrm-random-seed0" / "final_model.pt", weights_only=True)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    best = json.loads((straight / "results.json").read_text())["best_model"]
+    assert best["run"] == "ecrm-random-seed0" and best["network"]["ecrm_channels"] == 320
+    assert torch.load(tmp_path / "model.pt", weights_only=True).keys() == second.keys()
+    log = _run(data_root, interrupted, *options, "--merge-only", "--out-md", str(tmp_path / "merged.md"))
+    assert "1 finished run(s) merged" in log and (tmp_path / "merged.md").is_file()
