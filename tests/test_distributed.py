@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from spawn_ranks import run_ranks
 
 from monai_ecrm.handlers.memory_refresh import refresh_memory
 from monai_ecrm.networks.blocks import MemoryBank
@@ -28,12 +27,6 @@ BANK = 5  # smaller than the prototypes of two steps: the ring wraps
 TINY = {"backbone": "resnet10", "bank_size": BANK, "ecrm_channels": 16, "key_channels": 8, "decoder_channels": (8,) * 5}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _numpy_state(bank: MemoryBank) -> dict:
     # numpy copies: tensors would travel as shared memory that vanishes when the worker exits
     return {name: buffer.detach().numpy().copy() for name, buffer in bank.named_buffers()}
@@ -44,79 +37,67 @@ def _refresh_images(count: int) -> list[torch.Tensor]:
     return [torch.randn(3, SIZE, SIZE, generator=generator) for _ in range(count)]
 
 
-def _ddp_worker(rank: int, port: int, reference_path: str, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _ddp_worker(rank: int, world_size: int, reference_path: str) -> dict:
+    torch.manual_seed(0)
+    net = ECRMUNet(**TINY)
+    bank = net.ecrm.memory
+    written: list = []  # the prototypes this rank hands to the memory, step by step
+    enqueue = bank.enqueue
+
+    def _record(prototypes: torch.Tensor) -> None:
+        written.append(prototypes.detach().numpy().copy())
+        enqueue(prototypes)
+
+    bank.enqueue = _record
+    aux: list[torch.Tensor] = []
+    net.ecrm.register_forward_hook(lambda module, args, output: aux.append(output[1]))
+    model = torch.nn.parallel.DistributedDataParallel(net)  # default: buffers broadcast from rank 0 each forward
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(10 + rank)
+    states = []
+    for _ in range(STEPS):
+        batch = 2 + rank  # unequal local batches: rank order is visible in the slots
+        image = torch.randn(batch, 3, SIZE, SIZE, generator=generator)
+        label = (torch.rand(batch, 1, SIZE, SIZE, generator=generator) > 0.5).float()
+        aux.clear()
+        logits = model(image)
+        aux_label = F.interpolate(label, size=aux[0].shape[2:], mode="area")
+        loss = F.binary_cross_entropy_with_logits(logits, label)
+        loss = loss + 0.4 * F.binary_cross_entropy_with_logits(aux[0], aux_label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        states.append(_numpy_state(bank))
+    bank.enqueue = enqueue
+    running_mean = net.encoder.bn1.running_mean.numpy().copy()
+
+    if rank == 0:
+        torch.save(net.state_dict(), reference_path)
+    dist.barrier()
+    # the same images on every rank (the bundle's refresh loader): rank 0 writes, then broadcasts
+    replicated_count = refresh_memory(model, _refresh_images(7))
+    replicated = _numpy_state(bank)
+    # each rank its shard: writes gathered in rank order
+    images = [{"image": image} for image in _refresh_images(6)]
+    sampler = torch.utils.data.distributed.DistributedSampler(images, shuffle=False)
+    loader = torch.utils.data.DataLoader(images, batch_size=2, sampler=sampler)
+    sharded_count = refresh_memory(model, loader)
+    sharded = _numpy_state(bank)
+    # unequal shard lengths: a clear error on every rank instead of a hang in the gather
+    uneven = torch.utils.data.DataLoader(images[: 3 - rank], batch_size=1)
     try:
-        torch.manual_seed(0)
-        net = ECRMUNet(**TINY)
-        bank = net.ecrm.memory
-        written: list = []  # the prototypes this rank hands to the memory, step by step
-        enqueue = bank.enqueue
-
-        def _record(prototypes: torch.Tensor) -> None:
-            written.append(prototypes.detach().numpy().copy())
-            enqueue(prototypes)
-
-        bank.enqueue = _record
-        aux: list[torch.Tensor] = []
-        net.ecrm.register_forward_hook(lambda module, args, output: aux.append(output[1]))
-        model = torch.nn.parallel.DistributedDataParallel(net)  # default: buffers broadcast from rank 0 each forward
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        generator = torch.Generator().manual_seed(10 + rank)
-        states = []
-        for _ in range(STEPS):
-            batch = 2 + rank  # unequal local batches: rank order is visible in the slots
-            image = torch.randn(batch, 3, SIZE, SIZE, generator=generator)
-            label = (torch.rand(batch, 1, SIZE, SIZE, generator=generator) > 0.5).float()
-            aux.clear()
-            logits = model(image)
-            aux_label = F.interpolate(label, size=aux[0].shape[2:], mode="area")
-            loss = F.binary_cross_entropy_with_logits(logits, label)
-            loss = loss + 0.4 * F.binary_cross_entropy_with_logits(aux[0], aux_label)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            states.append(_numpy_state(bank))
-        bank.enqueue = enqueue
-        running_mean = net.encoder.bn1.running_mean.numpy().copy()
-
-        if rank == 0:
-            torch.save(net.state_dict(), reference_path)
-        dist.barrier()
-        # the same images on every rank (the bundle's refresh loader): rank 0 writes, then broadcasts
-        replicated_count = refresh_memory(model, _refresh_images(7))
-        replicated = _numpy_state(bank)
-        # each rank its shard: writes gathered in rank order
-        images = [{"image": image} for image in _refresh_images(6)]
-        sampler = torch.utils.data.distributed.DistributedSampler(images, shuffle=False)
-        loader = torch.utils.data.DataLoader(images, batch_size=2, sampler=sampler)
-        sharded_count = refresh_memory(model, loader)
-        sharded = _numpy_state(bank)
-        # unequal shard lengths: a clear error on every rank instead of a hang in the gather
-        uneven = torch.utils.data.DataLoader(images[: 3 - rank], batch_size=1)
-        try:
-            refresh_memory(model, uneven, distributed="sharded")
-            uneven_error = ""
-        except ValueError as error:
-            uneven_error = str(error)
-        queue.put(
-            (
-                rank,
-                {
-                    "states": states,
-                    "written": written,
-                    "running_mean": running_mean,
-                    "replicated": (replicated_count, replicated),
-                    "sharded": (sharded_count, sharded),
-                    "uneven_error": uneven_error,
-                },
-            )
-        )
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        refresh_memory(model, uneven, distributed="sharded")
+        uneven_error = ""
+    except ValueError as error:
+        uneven_error = str(error)
+    return {
+        "states": states,
+        "written": written,
+        "running_mean": running_mean,
+        "replicated": (replicated_count, replicated),
+        "sharded": (sharded_count, sharded),
+        "uneven_error": uneven_error,
+    }
 
 
 def _assert_same_bank(first: dict, second: dict, what: str) -> None:
@@ -126,23 +107,7 @@ def _assert_same_bank(first: dict, second: dict, what: str) -> None:
 
 def test_memory_identical_on_every_rank_and_equal_to_one_process_writing_in_rank_order(tmp_path):
     reference_path = str(tmp_path / "rank0.pt")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, reference_path, queue)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    results = {}
-    try:
-        for _ in procs:
-            rank, result = queue.get(timeout=240)
-            results[rank] = result
-    finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
-    assert all(proc.exitcode == 0 for proc in procs)
+    results = run_ranks(_ddp_worker, reference_path)
 
     # training: after every step the ranks hold the same memory ...
     for step in range(STEPS):

@@ -1,12 +1,8 @@
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn_ranks import run_ranks
 
 from monai_ecrm.networks.nets import ECRMUNet, dcrnet
 
@@ -139,56 +135,30 @@ def test_pretrained_weights_of_another_architecture_name_the_missing_keys(tmp_pa
 
 
 # --------------------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ddp_worker(rank: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        net = ECRMUNet(backbone="resnet18", **SMALL)
-        model = torch.nn.parallel.DistributedDataParallel(net)  # default find_unused_parameters=False
-        aux_outputs = []
-        net.ecrm.register_forward_hook(lambda module, args, output: aux_outputs.append(output[1]))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        torch.manual_seed(rank + 1)
-        for _ in range(2):
-            x = torch.randn(2, 3, 64, 64)
-            label = (torch.rand(2, 1, 64, 64) > 0.5).float()
-            aux_outputs.clear()
-            logits = model(x)
-            aux = aux_outputs[0]
-            aux_label = torch.nn.functional.interpolate(label, size=aux.shape[2:], mode="area")
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, label)
-            loss = loss + 0.4 * torch.nn.functional.binary_cross_entropy_with_logits(aux, aux_label)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        # numpy copies: tensors would travel as shared memory that vanishes when this process exits
-        queue.put((rank, net.ecrm.coarse.conv.weight.detach().numpy().copy(), net.ecrm.memory.memory.numpy().copy()))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, world_size: int) -> tuple:
+    torch.manual_seed(0)
+    net = ECRMUNet(backbone="resnet18", **SMALL)
+    model = torch.nn.parallel.DistributedDataParallel(net)  # default find_unused_parameters=False
+    aux_outputs = []
+    net.ecrm.register_forward_hook(lambda module, args, output: aux_outputs.append(output[1]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    torch.manual_seed(rank + 1)
+    for _ in range(2):
+        x = torch.randn(2, 3, 64, 64)
+        label = (torch.rand(2, 1, 64, 64) > 0.5).float()
+        aux_outputs.clear()
+        logits = model(x)
+        aux = aux_outputs[0]
+        aux_label = torch.nn.functional.interpolate(label, size=aux.shape[2:], mode="area")
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, label)
+        loss = loss + 0.4 * torch.nn.functional.binary_cross_entropy_with_logits(aux, aux_label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return net.ecrm.coarse.conv.weight.detach().numpy().copy(), net.ecrm.memory.memory.numpy().copy()
 
 
 def test_ddp_training_step_with_aux_loss_and_default_find_unused_parameters():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, queue)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    results = {}
-    for _ in procs:
-        rank, weight, memory = queue.get(timeout=180)
-        results[rank] = (torch.from_numpy(weight), torch.from_numpy(memory))
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0, "a DDP step with the aux loss must run without find_unused_parameters"
+    results = {rank: tuple(map(torch.from_numpy, arrays)) for rank, arrays in run_ranks(_ddp_worker).items()}
     torch.testing.assert_close(results[0][0], results[1][0], msg="coarse-mask conv must stay in sync across ranks")
     assert torch.equal(results[0][1], results[1][1]), "the memory must be identical on both ranks"

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-import os
-import socket
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn_ranks import run_ranks
 
 from monai_ecrm.networks.blocks import ECRM, MemoryBank, MemorySizeMismatchError
 
@@ -144,47 +141,24 @@ def test_ecrm_passes_policy_to_its_memory():
 
 
 # ----------------------------------------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _gather_worker(rank: int, world_size: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        bank = MemoryBank(7, 1, 3).train()
-        # unequal batch sizes: rank 0 writes 2 prototypes per step, rank 1 writes 3
-        for step in range(3):
-            count = 2 + rank
-            bank.enqueue(_protos([100 * step + 10 * rank + i for i in range(count)]))
-        queue.put((rank, {k: v.numpy().copy() for k, v in bank.state_dict().items()}))  # no shared-memory tensors
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _gather_worker(rank: int, world_size: int) -> dict:
+    bank = MemoryBank(7, 1, 3).train()
+    # unequal batch sizes: rank 0 writes 2 prototypes per step, rank 1 writes 3
+    for step in range(3):
+        bank.enqueue(_protos([100 * step + 10 * rank + i for i in range(2 + rank)]))
+    return {k: v.numpy().copy() for k, v in bank.state_dict().items()}
 
 
 def test_distributed_gather_gives_identical_memory_in_rank_order():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_gather_worker, args=(rank, 2, port, queue)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    states = {}
-    for _ in procs:
-        rank, state = queue.get(timeout=120)
-        states[rank] = {k: torch.from_numpy(v) for k, v in state.items()}
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    states = {
+        rank: {k: torch.from_numpy(v) for k, v in state.items()} for rank, state in run_ranks(_gather_worker).items()
+    }
     for name in ("memory", "pointer", "filled"):
         assert torch.equal(states[0][name], states[1][name]), f"ranks disagree on {name}"
     single = MemoryBank(7, 1, 3).train()
     for step in range(3):
         for rank in range(2):
             single.enqueue(_protos([100 * step + 10 * rank + i for i in range(2 + rank)]))
+    assert torch.equal(states[0]["memory"], single.memory), "must equal one process writing the ranks in order"
     assert torch.equal(states[0]["memory"], single.memory), "must equal one process writing the ranks in order"
     assert torch.equal(states[0]["pointer"], single.pointer)
