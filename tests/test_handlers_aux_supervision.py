@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_fixtures import SIZE, items, tiny_net
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -15,24 +16,6 @@ from monai.transforms import Activationsd, AsDiscreted, Compose
 from monai.utils import set_determinism
 
 from monai_ecrm.handlers.aux_supervision import AuxSupervisionHandler, aux_to_label_size, loss_terms
-from monai_ecrm.networks.nets import ECRMUNet
-
-SIZE = 32
-
-
-def tiny_net() -> ECRMUNet:
-    return ECRMUNet(backbone="resnet10", bank_size=4, ecrm_channels=16, key_channels=8, decoder_channels=(16,) * 5)
-
-
-def items(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    data = []
-    for _ in range(count):
-        label = torch.zeros(1, SIZE, SIZE)
-        top, left = torch.randint(0, SIZE // 2, (2,), generator=generator).tolist()
-        label[:, top : top + SIZE // 2, left : left + SIZE // 2] = 1.0
-        data.append({"image": torch.randn(3, SIZE, SIZE, generator=generator) + label, "label": label})
-    return data
 
 
 def loader(count: int, batch_size: int = 2) -> DataLoader:

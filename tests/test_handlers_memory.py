@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from engine_fixtures import SIZE, items, tiny_net
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
@@ -14,23 +15,6 @@ from monai_ecrm.handlers.memory_bank import MemoryBankHandler
 from monai_ecrm.handlers.memory_refresh import MemoryRefreshHandler, refresh_memory
 from monai_ecrm.networks.blocks.ecrm import class_prototypes
 from monai_ecrm.networks.nets import ECRMUNet
-
-SIZE = 32
-
-
-def tiny_net() -> ECRMUNet:
-    return ECRMUNet(backbone="resnet10", bank_size=4, ecrm_channels=16, key_channels=8, decoder_channels=(16,) * 5)
-
-
-def items(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    data = []
-    for _ in range(count):
-        label = torch.zeros(1, SIZE, SIZE)
-        top, left = torch.randint(0, SIZE // 2, (2,), generator=generator).tolist()
-        label[:, top : top + SIZE // 2, left : left + SIZE // 2] = 1.0
-        data.append({"image": torch.randn(3, SIZE, SIZE, generator=generator) + label, "label": label})
-    return data
 
 
 def trainer_for(net, handlers, max_epochs=1, epoch_length=None) -> SupervisedTrainer:
