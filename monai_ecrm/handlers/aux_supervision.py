@@ -17,6 +17,7 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
+idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -361,9 +362,9 @@ class AuxSupervisionHandler:
                 stacklevel=2,
             )
         total, count = self._sums.get("dice", 0.0), self._count
-        if self._last_iteration(engine) and _world_size() > 1:
-            reduced = torch.tensor([total, count], dtype=torch.float64, device=_reduce_device())
-            torch.distributed.all_reduce(reduced)
+        if self._last_iteration(engine) and idist.get_world_size() > 1:
+            # ignite places the tensor on the backend's device (CUDA for NCCL) and back
+            reduced = idist.all_reduce(torch.tensor([total, count], dtype=torch.float64))
             total, count = float(reduced[0]), int(reduced[1])
         engine.state.metrics[self.metric_name] = total / count if count else float("nan")
 
@@ -383,14 +384,3 @@ class AuxSupervisionHandler:
     def _last_iteration(engine: Engine) -> bool:
         epoch_length = engine.state.epoch_length
         return epoch_length is not None and engine.state.iteration % epoch_length == 0
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _reduce_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

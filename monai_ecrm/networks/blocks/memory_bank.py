@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from monai.utils import evenly_divisible_all_gather
 from torch import nn
 
 __all__ = ["MemoryBank", "MemorySizeMismatchError", "SIZE_MISMATCH_POLICIES"]
@@ -164,20 +165,9 @@ class MemoryBank(nn.Module):
     def _gather_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenate the prototypes of every rank in rank order (unequal batch sizes allowed)."""
         dist = torch.distributed
-        local = getattr(self, "_local_writes", False)  # modules pickled before this flag existed
-        if local or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        if self._local_writes or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return values
-        world_size = dist.get_world_size()
-        local_count = torch.tensor([values.shape[0]], device=values.device, dtype=torch.long)
-        counts = [torch.zeros_like(local_count) for _ in range(world_size)]
-        dist.all_gather(counts, local_count)
-        sizes = [int(c.item()) for c in counts]
-        largest = max(sizes)
-        padded = values.new_zeros((largest, *values.shape[1:]))
-        padded[: values.shape[0]] = values
-        gathered = [torch.empty_like(padded) for _ in range(world_size)]
-        dist.all_gather(gathered, padded)
-        return torch.cat([chunk[:size] for chunk, size in zip(gathered, sizes)], dim=0)
+        return evenly_divisible_all_gather(values, concat=True)
 
     # ------------------------------------------------------------------ checkpoint compatibility
     def _load_from_state_dict(
