@@ -7,6 +7,7 @@ the synthetic demo set, where the installed bundle is).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 BUNDLE_NAME = "polyp_ecrm"
+#: size of the synthetic demo set the bundle generates in its ``demo_data`` folder
+DEMO_IMAGES, DEMO_SIZE = 24, 128
 logger = logging.getLogger("monai_ecrm.bundle")
 
 
@@ -48,6 +51,13 @@ def bundle_path() -> Path:
     )
 
 
+def _datalist_keys(path: Path) -> list[str]:
+    """The top-level keys of a datalist JSON (so that a missing list is told apart from a broken one)."""
+    with open(path) as stream:
+        content = json.load(stream)
+    return list(content) if isinstance(content, dict) else []
+
+
 def _is_demo(dataset_dir: str | os.PathLike, demo_dir: str | os.PathLike | None) -> bool:
     return demo_dir is not None and Path(dataset_dir).expanduser().resolve() == Path(demo_dir).expanduser().resolve()
 
@@ -62,8 +72,8 @@ def training_datalist(
     demo_dir: str | os.PathLike | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
-    demo_images: int = 24,
-    demo_size: int = 128,
+    demo_images: int = DEMO_IMAGES,
+    demo_size: int = DEMO_SIZE,
     on_error: str = "raise",
 ) -> dict[str, list[dict[str, Any]]]:
     """``{"training": [...], "validation": [...]}`` for every form ``dataset_dir`` may take.
@@ -88,16 +98,14 @@ def training_datalist(
     validation: list[dict[str, Any]] | None = None
     if source.is_file():
         training = load_datalist(source, data_list_key="training", on_error=on_error)
-        try:
+        if "validation" in _datalist_keys(source):
             validation = load_datalist(source, data_list_key="validation", on_error=on_error)
-        except Exception:  # no validation list in the JSON: split below
-            validation = None
     else:
         training = folder_datalist(source, require_masks=True, on_error=on_error)
     if validation is None:
         order = list(range(len(training)))
         random.Random(seed).shuffle(order)
-        num_val = max(1, round(len(training) * val_fraction)) if len(training) > 1 else 0
+        num_val = max(1, round(len(training) * val_fraction)) if len(training) > 1 and val_fraction > 0 else 0
         held_out = set(order[:num_val])
         validation = [item for i, item in enumerate(training) if i in held_out]
         training = [item for i, item in enumerate(training) if i not in held_out]
@@ -130,17 +138,15 @@ def inference_datalist(
     """Image-only items for ``inference.json``: a folder of pictures (``images/`` inside it, or the pictures
     themselves), a single file, or a datalist JSON (``"testing"`` list, else ``"validation"``). Unreadable files are
     reported (logged) and left out by default so the rest complete."""
-    if demo_dir is not None and Path(dataset_dir).expanduser().resolve().parent == Path(demo_dir).resolve():
-        _prepare(demo_dir, demo_dir, 24, 128)
+    if demo_dir is not None and Path(dataset_dir).expanduser().resolve().is_relative_to(Path(demo_dir).resolve()):
+        _prepare(demo_dir, demo_dir, DEMO_IMAGES, DEMO_SIZE)
     source = Path(dataset_dir).expanduser()
     if source.is_file() and source.suffix.lower() == ".json":
-        for key in ("testing", "validation", "training"):
-            try:
-                items = load_datalist(source, data_list_key=key, on_error=on_error)
-            except Exception:
-                continue
-            return [{"image": item["image"], **({"frame": item["frame"]} if "frame" in item else {})} for item in items]
-        raise ValueError(f"{source}: no 'testing', 'validation' or 'training' list in the datalist")
+        keys = [key for key in ("test", "testing", "validation", "training") if key in _datalist_keys(source)]
+        if not keys:
+            raise ValueError(f"{source}: no 'test', 'testing', 'validation' or 'training' list in the datalist")
+        items = load_datalist(source, data_list_key=keys[0], on_error=on_error)
+        return [{"image": item["image"], **({"frame": item["frame"]} if "frame" in item else {})} for item in items]
     if source.is_file():
         from monai_ecrm.data import validate_datalist
 

@@ -79,3 +79,11 @@ def test_normalization_follows_the_backbone(demo):
     imagenet = train_transforms(32, flip_prob=0, affine_prob=0, intensity_prob=0)(dict(item))
     assert not torch.allclose(lite["image"], imagenet["image"])
     assert lite["image"].min() >= -127 / 128 - 1e-4 and lite["image"].max() <= 128 / 128 + 1e-4
+
+
+def test_a_broken_validation_list_is_an_error_not_a_silent_random_split(demo, tmp_path):
+    pairs = training_datalist(demo, val_fraction=0.0)["training"]
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": pairs[:7], "validation": [{"image": str(tmp_path / "gone.png")}]}))
+    with pytest.raises(ValueError, match="gone.png"):
+        training_datalist(path)
