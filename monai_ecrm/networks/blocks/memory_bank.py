@@ -86,6 +86,7 @@ class MemoryBank(nn.Module):
         return f"num_slots={self.num_slots}, num_classes={self.num_classes}, channels={self.channels}"
 
     def is_empty(self) -> bool:
+        """Whether no slot holds a prototype yet (a freshly built model, or right after :meth:`reset`)."""
         return int(self.filled) == 0
 
     def filled_memory(self) -> torch.Tensor:
