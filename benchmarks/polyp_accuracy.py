@@ -21,7 +21,7 @@ Protocol (issue #11)
     init (``--init pretrained,random``), seeded by the run's seed:
 
     - ``ecrm``: ``ECRMUNet(backbone, bank_size, ecrm_channels)``; after training its memory is rebuilt with the
-      final weights from the training images (``monai_ecrm.handlers.refresh_memory``);
+      final weights from the last ``--bank-size`` training images (``monai_ecrm.handlers.refresh_memory``);
     - ``no_ecrm``: the same network (same construction, hence the same initial encoder and decoder weights for a
       seed) with ``net.ecrm`` replaced by an identity stand-in, so the deepest encoder map goes straight to the
       decoder; ``--ecrm-channels`` defaults to the encoder's deepest channels (320) so both decoders are identical;
@@ -443,7 +443,10 @@ def run_one(
     tic = time.perf_counter()
     refreshed = None
     if model == "ecrm":
-        loader = torch.utils.data.DataLoader(data.memory_images(), batch_size=16, shuffle=False)
+        # the ring keeps only the last bank_size prototypes: forwarding the other training images would change nothing
+        images = data.memory_images()
+        last = torch.utils.data.Subset(images, range(max(0, len(images) - args.bank_size), len(images)))
+        loader = torch.utils.data.DataLoader(last, batch_size=16, shuffle=False)
         refreshed = refresh_memory(net, loader, device=torch.device(args.device))
         _log(run_dir, f"memory refreshed with the final weights from {refreshed} training images")
     _atomic_save(net.state_dict(), weights_path)
