@@ -219,6 +219,13 @@ class TrainingData:
             labels.append(torch.as_tensor(sample["label"]))
         return torch.stack(images), torch.stack(labels)
 
+    def plain_batches(self, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """Every pair in dataset order, resized and normalised, not augmented: ``(images, labels)`` batches."""
+        for start in range(0, len(self.cache), batch_size):
+            chunk = self.cache[start : start + batch_size]
+            images = torch.stack([torch.as_tensor(self._normalize(item["image"].float())) for item in chunk])
+            yield images, torch.stack([torch.as_tensor(item["label"]).float() for item in chunk])
+
     def memory_images(self) -> torch.utils.data.Dataset:
         """The training images in dataset order, resized and normalised, not augmented (for the memory refresh)."""
         return _MemoryImages(self.cache, self._normalize)
@@ -287,17 +294,67 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def validation_loss(net: nn.Module, val_data: TrainingData, device: torch.device) -> float:
+    """Mean DiceCE of the segmentation output over the validation pairs at the training size (eval mode: ECRM attends
+    to its memory as it stands, without writing); the network is left in training mode."""
+    loss_fn = DiceCELoss(sigmoid=True)
+    net.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for images, labels in val_data.plain_batches(16):
+            images, labels = images.to(device), labels.to(device)
+            # the batch mean of per-sample Dice loss + mean CE, over equal-sized samples: weighting by the batch size
+            # gives the mean over the whole split, whatever the batching
+            total += float(loss_fn(net(images), labels)) * len(images)
+            count += len(images)
+    net.train()
+    return total / max(count, 1)
+
+
+def plateau(curve: Sequence[Sequence[float]], fraction: float = 0.25) -> dict[str, Any] | None:
+    """How much the validation loss still moved over the last ``fraction`` of the steps: the loss at the last point,
+    its best over that stretch, and the relative change from the start of the stretch (the last point at or before
+    ``(1 - fraction)`` of the steps) to the end."""
+    if len(curve) < 3:
+        return None
+    last_step = curve[-1][0]
+    start = [point for point in curve if point[0] <= last_step * (1 - fraction)][-1]
+    tail = [loss for step, loss in curve if step >= start[0]]
+    return {
+        "from_step": start[0],
+        "to_step": last_step,
+        "loss_from": start[1],
+        "loss_to": curve[-1][1],
+        "best_in_stretch": min(tail),
+        "relative_change": (curve[-1][1] - start[1]) / max(abs(start[1]), 1e-12),
+    }
+
+
 def train(
-    net: nn.Module, run_dir: Path, config: dict[str, Any], data: TrainingData, args: argparse.Namespace
+    net: nn.Module,
+    run_dir: Path,
+    config: dict[str, Any],
+    data: TrainingData,
+    args: argparse.Namespace,
+    val_data: TrainingData | None = None,
 ) -> dict[str, Any] | None:
     """Train to ``args.steps`` from the run's checkpoint (if any); the final checkpoint's run state, or ``None`` when
-    stopped early by ``--stop-after``."""
+    stopped early by ``--stop-after``. With ``val_data`` and ``--val-every N``, the validation loss at step 0, every
+    N steps and at the end is kept in the run state as ``val_loss`` (``[step, loss]`` pairs); it changes nothing in
+    the training itself (no random state is drawn, eval mode writes no memory and updates no BatchNorm statistics)."""
     wall_start = time.perf_counter()
     seed, device = config["seed"], torch.device(args.device)
     net.to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(args.steps))
-    state: dict[str, Any] = {"step": 0, "resumed_from_step": None, "losses": [], "segments": [], "wall_seconds": 0.0}
+    state: dict[str, Any] = {
+        "step": 0,
+        "resumed_from_step": None,
+        "losses": [],
+        "val_loss": [],
+        "segments": [],
+        "wall_seconds": 0.0,
+    }
     path = run_dir / "checkpoint.pt"
     if path.is_file():
         checkpoint = torch.load(path, map_location=device, weights_only=False)
@@ -339,7 +396,17 @@ def train(
         _atomic_save(checkpoint, path)
         return saved
 
+    track_val = val_data is not None and len(val_data) > 0 and args.val_every > 0
+    state.setdefault("val_loss", [])
+
+    def record_val_loss() -> None:
+        if track_val and (not state["val_loss"] or state["val_loss"][-1][0] != state["step"]):
+            state["val_loss"].append([state["step"], round(validation_loss(net, val_data, device), 5)])
+            _log(run_dir, f"step {state['step']} validation loss {state['val_loss'][-1][1]:.4f}")
+
     net.train()
+    if state["step"] == 0:
+        record_val_loss()
     try:
         while state["step"] < args.steps:
             if args.stop_after and state["step"] - start_step >= args.stop_after:
@@ -364,6 +431,8 @@ def train(
             if state["step"] % args.log_every == 0 or state["step"] == args.steps:
                 rate = (state["step"] - start_step) * args.batch_size / max(seconds, 1e-9)
                 _log(run_dir, f"step {state['step']}/{args.steps} loss {state['losses'][-1]:.4f} ({rate:.2f} img/s)")
+            if track_val and (state["step"] % args.val_every == 0 or state["step"] == args.steps):
+                record_val_loss()
             if state["step"] % args.ckpt_every == 0 and state["step"] < args.steps:
                 save()
     finally:
@@ -410,6 +479,7 @@ def run_one(
     args: argparse.Namespace,
     datalists: dict[str, Any],
     get_data: Callable[[], TrainingData],
+    get_val_data: Callable[[], TrainingData | None] = lambda: None,
 ) -> dict[str, Any] | None:
     """Train (or continue, or reuse) and evaluate one run; its result, or ``None`` when stopped early."""
     train_fp = fingerprint(datalists["train"])
@@ -437,7 +507,7 @@ def run_one(
             return result
     data = get_data()
     net = build_network(model, init, seed, args)
-    state = train(net, run_dir, config, data, args)
+    state = train(net, run_dir, config, data, args, get_val_data())
     if state is None:
         return None
     tic = time.perf_counter()
@@ -474,6 +544,8 @@ def run_one(
         "data_cache_seconds": round(data.cache_seconds, 3),
         "memory_refreshed_images": refreshed,
         "final_loss_mean_last_10pct": float(np.mean(losses[-max(1, len(losses) // 10) :])),
+        "val_loss": state.get("val_loss", []),
+        "val_loss_plateau": plateau(state.get("val_loss", [])),
         "threads": torch.get_num_threads(),
         "host": platform.node(),
         "network": network_kwargs(args) if model != "flexunet" else {"backbone": args.backbone},
@@ -497,6 +569,15 @@ def _mean_sd(values: Sequence[float]) -> dict[str, Any]:
         "sd": statistics.stdev(values) if len(values) > 1 else None,
         "n": len(values),
     }
+
+
+def _mean_curve(curves: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
+    """``[step, mean loss]`` at the steps every curve has (the runs of a group share their validation steps)."""
+    if not curves or not all(curves):
+        return []
+    common = sorted(set.intersection(*({step for step, _ in curve} for curve in curves)))
+    losses = [dict((step, loss) for step, loss in curve) for curve in curves]
+    return [[step, statistics.fmean(curve[step] for curve in losses)] for step in common]
 
 
 def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -531,6 +612,10 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 },
                 "train_images_per_s": _mean_sd([run["train_images_per_s"] for run in runs]),
                 "wall_seconds": _mean_sd([run["wall_seconds"] for run in runs]),
+                "val_loss": _mean_curve([run.get("val_loss", []) for run in runs]),
+                "val_loss_relative_change": _mean_sd(
+                    [(run.get("val_loss_plateau") or {}).get("relative_change") for run in runs]
+                ),
             }
         )
     order = {name: index for index, name in enumerate(MODELS)}
@@ -641,6 +726,29 @@ def markdown(entries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, 
         val = _cell(entry["summary"][VAL]["dice"]) if VAL in entry["summary"] else "n/a"
         row = [entry["model"], entry["init"], str(entry["steps"]), str(entry["train_images"]), rate, wall_text, val]
         lines.append("| " + " | ".join(row) + " |")
+    curves = [entry for entry in entries if entry["val_loss"]]
+    if curves:
+        steps = sorted({step for entry in curves for step, _ in entry["val_loss"]})
+        shown = steps if len(steps) <= 9 else [steps[round(i * (len(steps) - 1) / 8)] for i in range(9)]
+        lines += [
+            "",
+            "## Validation loss (plateau check)",
+            "",
+            "DiceCE of the segmentation output on the validation split at the training size, eval mode, mean over "
+            "seeds, at the steps shown. Last column: relative change of the loss over the last quarter of the "
+            "steps (mean ± SD over seeds); near 0 means the run had stopped improving.",
+            "",
+            "| Model | Init | " + " | ".join(f"step {step}" for step in shown) + " | Change, last quarter |",
+            "|---|---|" + "---:|" * (len(shown) + 1),
+        ]
+        for entry in curves:
+            at = dict((step, loss) for step, loss in entry["val_loss"])
+            cells = [f"{at[step]:.3f}" if step in at else "n/a" for step in shown]
+            change = entry["val_loss_relative_change"]
+            change_text = "n/a" if change["mean"] is None else f"{100 * change['mean']:+.1f} %"
+            if change["sd"] is not None:
+                change_text += f" ± {100 * change['sd']:.1f}"
+            lines.append("| " + " | ".join([entry["model"], entry["init"], *cells, change_text]) + " |")
     lines += [
         "",
         "## Differences within one standard deviation",
@@ -699,9 +807,17 @@ def save_best(results: Sequence[dict[str, Any]], path: Path, work_dir: Path) -> 
         "network": network,
         "spatial_size": best["size"],
         "normalization": best["config"]["normalization"],
-        "bundle_overrides": f"--backbone {network['backbone']} --bank_size {network['bank_size']} "
-        f"--network_def#ecrm_channels {network['ecrm_channels']} --spatial_size {best['size']}",
+        # what `python -m monai.bundle run` with the bundle's configs needs to build this network and preprocess for it
+        "bundle_override_values": {
+            "backbone": network["backbone"],
+            "bank_size": network["bank_size"],
+            "use_icrm": network["use_icrm"],
+            "network_def#ecrm_channels": network["ecrm_channels"],
+            "network_def#key_channels": network["key_channels"],
+            "spatial_size": best["size"],
+        },
     }
+    info["bundle_overrides"] = " ".join(f"--{key} {value}" for key, value in info["bundle_override_values"].items())
     print(f"best ECRMUNet ({best['run']}, val mDice {info['val_dice']:.4f}) written to {path}")
     print(f"  {info['bytes']} bytes, sha256 {digest}")
     print(f"  network: {json.dumps(network)}; bundle overrides: {info['bundle_overrides']}")
@@ -783,6 +899,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="stop each run after N steps in this invocation, checkpointed (time slices; 0: to the end)",
     )
     add("--log-every", type=int, default=25, help="log every N steps (default %(default)s)")
+    add(
+        "--val-every",
+        type=int,
+        default=50,
+        help="validation loss every N steps, at step 0 and at the end, for the plateau check (0: never; default "
+        "%(default)s)",
+    )
     add("--merge-only", action="store_true", help="train nothing: merge every result.json of the work dir")
     add("--out", default=None, help="merged JSON (default <work-dir>/results.json)")
     add("--out-md", default=None, help="markdown table (default <work-dir>/results.md)")
@@ -822,10 +945,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"training pairs cached at {args.size} px in {cache[0].cache_seconds:.1f} s", flush=True)
             return cache[0]
 
+        val_cache: list[TrainingData] = []
+
+        def get_val_data() -> TrainingData | None:
+            if not datalists["val"] or args.val_every < 1:
+                return None
+            if not val_cache:
+                val_cache.append(TrainingData(datalists["val"], args))
+            return val_cache[0]
+
         for seed in args.seeds:
             for init in args.init:
                 for model in args.models:
-                    run_one(model, init, seed, args, datalists, get_data)
+                    run_one(model, init, seed, args, datalists, get_data, get_val_data)
     write_outputs(args)
 
 

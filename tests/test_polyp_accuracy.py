@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from monai_ecrm.data import make_demo_dataset
 from monai_ecrm.metrics.functional import SUITE_KEYS
@@ -43,7 +44,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run(data_root: Path, work_dir: Path, *options: str) -> str:
     command = [sys.executable, str(SCRIPT), "--data", str(data_root), "--work-dir", str(work_dir), *TINY, *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -74,27 +75,48 @@ def test_train_evaluate_and_resume_after_interruption(data_root: Path, tmp_path:
         for name, summary in run["summary"].items():
             assert set(SUITE_KEYS) <= set(summary) and summary["images"] == (2 if name == "val" else 1)
     assert runs["ecrm"]["memory_refreshed_images"] == 4 and runs["no_ecrm"]["memory_refreshed_images"] is None
+    for run in runs.values():
+        # the plateau check: the validation loss at step 0 and at the end survives the interruption
+        assert [step for step, _ in run["val_loss"]] == [0, 4], run["val_loss"]
+        assert all(0 < loss < 10 for _, loss in run["val_loss"])
+        assert run["val_loss_plateau"] is None  # two points say nothing about a plateau
     entry = report["aggregate"][0]
     assert entry["summary"]["kvasir"]["dice"]["n"] == 1 and entry["summary"]["kvasir"]["dice"]["sd"] is None
     table = (work / "results.md").read_text()
     assert "| Model | Init | Steps | Seeds | mDice | mIoU |" in table
     assert "| ecrm | random | 4 | 0 |" in table and "| no_ecrm | random | 4 | 0 |" in table
     assert "Differences within one standard deviation" in table and "ecrm vs no_ecrm" in table
+    assert "## Validation loss (plateau check)" in table and "| step 0 | step 4 |" in table
 
 
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run_and_merge(data_root: Path, tmp_path: Path) -> None:
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     options = ["--models", "ecrm", "--steps", "3"]
-    _run(data_root, interrupted, *options, "--ckpt-every", "1", "--stop-after", "1")
-    _run(data_root, interrupted, *options)
-    _run(data_root, straight, *options, "--save-best", str(tmp_path / "model.pt"))
+    # the interrupted run also measures the validation loss at every step, the straight one never: neither the
+    # interruption nor the validation passes may change what the training computes
+    _run(data_root, interrupted, *options, "--ckpt-every", "1", "--stop-after", "1", "--val-every", "1")
+    _run(data_root, interrupted, *options, "--val-every", "1")
+    _run(data_root, straight, *options, "--val-every", "0", "--save-best", str(tmp_path / "model.pt"))
+    measured = json.loads((interrupted / "ecrm-random-seed0" / "result.json").read_text())["val_loss"]
+    assert [step for step, _ in measured] == [0, 1, 2, 3]
+    assert json.loads((straight / "ecrm-random-seed0" / "result.json").read_text())["val_loss"] == []
     first = torch.load(interrupted / "ecrm-random-seed0" / "final_model.pt", weights_only=True)
     second = torch.load(straight / "ecrm-random-seed0" / "final_model.pt", weights_only=True)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
     best = json.loads((straight / "results.json").read_text())["best_model"]
     assert best["run"] == "ecrm-random-seed0" and best["network"]["ecrm_channels"] == 320
-    assert torch.load(tmp_path / "model.pt", weights_only=True).keys() == second.keys()
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved.keys() == second.keys()
+    # the reference weights are for the bundle: its inference config, with the overrides the script prints, builds
+    # a network that takes them strictly (memory included)
+    parser = ConfigParser()
+    parser.read_config(REPO / "bundles" / "polyp_ecrm" / "configs" / "inference.json")
+    parser.update(best["bundle_override_values"])
+    bundle_net = parser.get_parsed_content("network_def")
+    bundle_net.load_state_dict(saved, strict=True)
+    assert parser.get_parsed_content("spatial_size") == 64
+    assert "--network_def#ecrm_channels 320" in best["bundle_overrides"]
     log = _run(data_root, interrupted, *options, "--merge-only", "--out-md", str(tmp_path / "merged.md"))
     assert "1 finished run(s) merged" in log and (tmp_path / "merged.md").is_file()
