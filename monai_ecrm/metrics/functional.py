@@ -134,11 +134,8 @@ def _count_above(pred: torch.Tensor, gt: torch.Tensor, threshold: float | None) 
                 binary = pred_np[index] >= min(2 * pred_np[index].mean(), 1)
             else:
                 binary = pred_np[index] > threshold
-            counts[:, index] = (
-                np.count_nonzero(binary & gt_np[index]),
-                np.count_nonzero(binary),
-                np.count_nonzero(gt_np[index]),
-            )
+            counts[1:, index] = np.count_nonzero(binary), np.count_nonzero(gt_np[index])
+            counts[0, index] = np.count_nonzero(np.logical_and(binary, gt_np[index], out=binary))
         return counts
     if threshold is None:
         binary = pred >= (2 * _flat(pred).mean(1)).clamp_(max=1).view(-1, 1, 1)
