@@ -7,21 +7,34 @@ Prints one JSON object:
   and pixel decoding: :func:`monai_ecrm.dicom_seg.read_dicom_source`, :func:`~monai_ecrm.dicom_seg.iter_dicom_frames`),
   ``preprocess_s`` (to tensor, resize to ``--spatial-size``, normalise), ``inference_s`` (the network),
   ``postprocess_s`` (sigmoid, resize back, threshold), ``seg_write_s`` (SEG built with highdicom, written and renamed
-  into place).
-  ``overhead_ratio`` = (decode + SEG writing) / inference; goal: at most 0.25.
-- ``multiframe``: a synthetic ``--frames``-frame multi-frame secondary capture (uncompressed, the sample's size) as one
-  job: ``frames_per_s`` and the job's peak resident memory (``peak_rss_mib``; the process's peak is reset before the
-  job where the kernel allows) next to the resident memory before it and the size of the video's pixel data.
+  into place); ``decoding_plugin`` names the JPEG 2000 decoder (imagecodecs where installed, else pydicom's first
+  available plugin, pylibjpeg).
+  ``overhead_ratio`` = (decode + SEG writing) / inference; goal: at most 0.25. A single frame has nothing to overlap
+  its decoding with: this is the cost of one frame processed on its own.
+- ``multiframe``: a ``--frames``-frame multi-frame secondary capture of the sample's size, as one job each way:
+  ``sequential`` (``prefetch=0``: decode, network, writing one after the other) and ``pipelined`` (the default
+  ``prefetch=2``: the next frames decoded and pre-processed in a background thread while the network runs). Each gives
+  ``s_per_frame``, ``frames_per_s`` and the job's peak resident memory (``peak_rss_mib``; the process's peak is reset
+  before each job where the kernel allows). ``inference_alone_s_per_frame`` is the network alone on one frame's input
+  (median of ``--repeats``, nothing else running), and ``*_overhead_ratio`` = (s per frame - inference alone) /
+  inference alone: what is left on the critical path besides the network (decoding, pre- and post-processing, SEG
+  writing, and the slow-down of the network by the decoding thread). With the sample, every frame is the sample's JPEG
+  2000 codestream (what a compressed endoscopy video costs to decode); without it, uncompressed synthetic frames.
+- ``machine``: CPUs this process may use and the load average when the benchmark starts: the figures are wall times,
+  so a loaded machine inflates them (on 2 CPUs with other jobs running, the network's threads wait for each other).
 
 The network is the bundle's architecture (``ECRMUNet``, ``--backbone`` resnet34, 20 memory slots) with random weights:
-the timing does not depend on them. The sample is read from ``../shared/data/dicom_samples`` (``--sample`` to change);
-the sample part is left out with a message when it is absent.
+the timing does not depend on them. It runs with torch's default threads (``torch_threads``; one per CPU, or
+``OMP_NUM_THREADS``): fewer threads make the network slower and so the ratios smaller, which is no gain.
+The sample is read from ``../shared/data/dicom_samples`` (``--sample`` to change); the sample part is left out with
+a message when it is absent.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -33,6 +46,7 @@ import torch
 from monai.transforms import Compose
 
 from monai_ecrm.data import probe_picture
+from monai_ecrm.data.image_io import dicom_decoding_plugin
 from monai_ecrm.dicom_seg import iter_dicom_frames, read_dicom_source
 from monai_ecrm.infer import ClinicalInference
 from monai_ecrm.networks.nets import ECRMUNet
@@ -88,7 +102,12 @@ def _sample_frame(job: ClinicalInference, sample: Path, repeats: int) -> dict:
             ),
         ):
             steps[name].append(seconds)
-    result = {"size": [info.height, info.width], "transfer_syntax": header.file_meta.TransferSyntaxUID.name}
+    syntax = header.file_meta.TransferSyntaxUID
+    result = {
+        "size": [info.height, info.width],
+        "transfer_syntax": syntax.name,
+        "decoding_plugin": dicom_decoding_plugin(syntax) or "pydicom's first available",
+    }
     result.update({name: round(statistics.median(values), 4) for name, values in steps.items()})
     result["total_s"] = round(sum(result[name] for name in steps), 4)
     result["overhead_ratio"] = round((result["decode_s"] + result["seg_write_s"]) / result["inference_s"], 3)
@@ -97,8 +116,12 @@ def _sample_frame(job: ClinicalInference, sample: Path, repeats: int) -> dict:
     return result
 
 
-def _video(path: Path, frames: int, height: int, width: int) -> Path:
+def _video(path: Path, frames: int, height: int, width: int, sample: Path | None) -> Path:
+    """A multi-frame secondary capture: every frame the sample's JPEG 2000 codestream when given, else uncompressed
+    synthetic frames with a moving blob."""
+    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate, generate_frames
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
@@ -113,6 +136,15 @@ def _video(path: Path, frames: int, height: int, width: int) -> Path:
     ds.Rows, ds.Columns, ds.NumberOfFrames = height, width, frames
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if sample is not None:
+        source = pydicom.dcmread(sample)
+        codestream = next(generate_frames(source.PixelData, number_of_frames=1))
+        meta.TransferSyntaxUID = source.file_meta.TransferSyntaxUID
+        ds.PhotometricInterpretation = source.PhotometricInterpretation
+        ds.PixelData = encapsulate([codestream] * frames)
+        ds["PixelData"].VR = "OB"
+        ds.save_as(path, enforce_file_format=True)
+        return path
     base = np.zeros((height, width, 3), dtype=np.uint8)
     base[..., 0] = np.linspace(40, 200, width, dtype=np.uint8)[None, :]
     base[..., 1] = np.linspace(20, 120, height, dtype=np.uint8)[:, None]
@@ -125,9 +157,7 @@ def _video(path: Path, frames: int, height: int, width: int) -> Path:
     return path
 
 
-def _multiframe(job: ClinicalInference, path: Path, frames: int) -> dict:
-    header = read_dicom_source(path)
-    baseline = _rss_kib()
+def _job(job: ClinicalInference, path: Path, frames: int) -> dict:
     reset = _reset_peak()
     start = time.perf_counter()
     result = job.process(path)
@@ -135,16 +165,46 @@ def _multiframe(job: ClinicalInference, path: Path, frames: int) -> dict:
     if result.status != "written":
         raise RuntimeError(f"the multi-frame job did not finish: {result}")
     return {
-        "frames": frames,
-        "size": [int(header.Rows), int(header.Columns)],
-        "transfer_syntax": header.file_meta.TransferSyntaxUID.name,
         "wall_s": round(wall, 2),
+        "s_per_frame": round(wall / frames, 4),
         "frames_per_s": round(frames / wall, 3),
         "peak_rss_mib": round(_rss_kib("VmHWM") / 1024, 1),
         "peak_reset_before_job": reset,
-        "rss_before_job_mib": round(baseline / 1024, 1),
-        "pixel_data_mib": round(frames * int(header.Rows) * int(header.Columns) * 3 / 2**20, 1),
     }
+
+
+def _inference_alone(job: ClinicalInference, path: Path, repeats: int) -> float:
+    """Median seconds of the network on one frame's input, nothing else running."""
+    frame = next(iter_dicom_frames(path))
+    image = job.preprocessing({"image": frame})["image"].as_tensor()[None].to(job.device)
+    times = []
+    with torch.no_grad():
+        for repeat in range(repeats + 1):
+            start = time.perf_counter()
+            job.model(image)
+            if repeat:  # the first is a warm-up
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _multiframe(job: ClinicalInference, path: Path, frames: int, repeats: int) -> dict:
+    header = read_dicom_source(path)
+    syntax = header.file_meta.TransferSyntaxUID
+    report = {
+        "frames": frames,
+        "size": [int(header.Rows), int(header.Columns)],
+        "transfer_syntax": syntax.name,
+        "decoding_plugin": dicom_decoding_plugin(syntax) or "pydicom's first available",
+        "pixel_data_mib": round(frames * int(header.Rows) * int(header.Columns) * 3 / 2**20, 1),
+        "rss_before_jobs_mib": round(_rss_kib() / 1024, 1),
+    }
+    inference = _inference_alone(job, path, repeats)
+    report["inference_alone_s_per_frame"] = round(inference, 4)
+    for name, prefetch in (("sequential", 0), ("pipelined", 2)):
+        job.prefetch = prefetch
+        report[name] = _job(job, path, frames)
+        report[f"{name}_overhead_ratio"] = round((report[name]["wall_s"] / frames - inference) / inference, 3)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = ECRMUNet(backbone=args.backbone, bank_size=20).to(args.device).eval()
     report: dict = {
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "load_average_1min": round(os.getloadavg()[0], 2)},
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
         "network": f"ECRMUNet(backbone={args.backbone!r}, bank_size=20), random weights",
@@ -170,14 +231,15 @@ def main(argv: list[str] | None = None) -> int:
             model, Path(folder) / "out", spatial_size=args.spatial_size, device=args.device, overwrite=True,
             progress=False,
         )  # fmt: skip
-        if args.sample.is_file():
-            report["sample_frame"] = _sample_frame(job, args.sample, args.repeats)
+        sample = args.sample if args.sample.is_file() else None
+        if sample is not None:
+            report["sample_frame"] = _sample_frame(job, sample, args.repeats)
             height, width = report["sample_frame"]["size"]
         else:
             print(f"sample {args.sample} not found: sample frame timing left out", file=sys.stderr)
             height, width = 486, 756
-        video = _video(Path(folder) / "video.dcm", args.frames, height, width)
-        report["multiframe"] = _multiframe(job, video, args.frames)
+        video = _video(Path(folder) / "video.dcm", args.frames, height, width, sample)
+        report["multiframe"] = _multiframe(job, video, args.frames, args.repeats)
         job.writer.close()
     print(json.dumps(report, indent=2))
     return 0

@@ -38,8 +38,10 @@ import json
 import os
 import shutil
 import socket
+import threading
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,6 +56,7 @@ from monai.transforms import MapTransform
 from monai_ecrm.data.errors import DataError
 from monai_ecrm.data.image_io import (
     PictureInfo,
+    dicom_decoding_plugin,
     file_stem,
     frame_filename,
     picture_format,
@@ -84,6 +87,9 @@ ALGORITHM_NAME = "monai-ecrm polyp_ecrm"
 
 SEG_SERIES_NUMBER = 900
 """Series Number of the segmentation series."""
+
+_HEADERS_KEPT = 4
+"""Source headers :meth:`SaveDicomSegd.source_header` keeps: the file being written and those being decoded ahead."""
 
 PARTIAL_DIR = ".monai-ecrm-partial"
 """Folder inside the output folder where files are written before they are renamed into place."""
@@ -229,6 +235,7 @@ def iter_dicom_frames(
     header = read_dicom_source(path) if header is None else header
     info = probe_picture(path) if info is None else info
     multi = info.frames > 1
+    plugin = dicom_decoding_plugin(header.file_meta.TransferSyntaxUID)
 
     def frame(index: int, data: np.ndarray) -> DecodedFrame | DataError:
         try:
@@ -244,7 +251,7 @@ def iter_dicom_frames(
 
     index = 0
     try:
-        for data in iter_pixels(path):
+        for data in iter_pixels(path, decoding_plugin=plugin):
             yield frame(index, data)
             index += 1
     except Exception as error:  # decoders raise RuntimeError, ValueError, ...: report this frame, go on with the next
@@ -254,7 +261,7 @@ def iter_dicom_frames(
         index += 1
     for later in range(index, info.frames):
         try:
-            data = pixel_array(path, index=later if multi else None)
+            data = pixel_array(path, index=later if multi else None, decoding_plugin=plugin)
         except Exception as error:  # each frame is reported on its own
             yield undecodable(later, error)
             continue
@@ -652,7 +659,8 @@ class SaveDicomSegd(MapTransform):
         self._pending: dict[str, _PendingSeg] = {}
         self._partial: Path | None = None
         self._png_writer: SavePredictiond | None = None
-        self._header: tuple[str, int, Any] | None = None
+        self._headers: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self._header_lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------------------- atomic files
     def _partial_dir(self) -> Path:
@@ -717,17 +725,27 @@ class SaveDicomSegd(MapTransform):
         )
 
     def source_header(self, source_path: str | os.PathLike):
-        """The header of a DICOM source (:func:`read_dicom_source`), read once: the last one read is kept, so a job
-        that reads it before segmenting the frames does not read it again to write the SEG.
+        """The header of a DICOM source (:func:`read_dicom_source`), read once: the last few read are kept, so a job
+        that reads it before segmenting the frames does not read it again to write the SEG, even when the frames of
+        the next files are already being decoded (thread-safe: the decoding thread reads them too).
 
         Args:
             source_path: the DICOM source file.
         """
         key = str(source_path)
         stamp = os.stat(key).st_mtime_ns
-        if self._header is None or self._header[:2] != (key, stamp):
-            self._header = (key, stamp, read_dicom_source(key))
-        return self._header[2]
+        with self._header_lock:
+            cached = self._headers.get(key)
+            if cached is not None and cached[0] == stamp:
+                self._headers.move_to_end(key)
+                return cached[1]
+        header = read_dicom_source(key)
+        with self._header_lock:
+            self._headers[key] = (stamp, header)
+            self._headers.move_to_end(key)
+            while len(self._headers) > _HEADERS_KEPT:
+                self._headers.popitem(last=False)
+        return header
 
     def _write_seg(self, source_path: str, masks: np.ndarray | None, pending: _PendingSeg | None) -> Path:
         header = self.source_header(source_path)

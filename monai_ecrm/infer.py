@@ -11,18 +11,27 @@ A job goes through every input and reports each one in ``<output_dir>/report.csv
 outputs exist, skipped because it is no image, failed, or partial when some frames could not be decoded), so a bad
 file never stops the rest. Outputs appear under their final names only when complete, and a rerun skips the inputs
 whose outputs exist: an interrupted job is resumed by running it again.
+
+While the network runs on a frame, a background thread decodes and pre-processes the next ones (two ahead, of the
+same file or the next files; :class:`ClinicalInference` ``prefetch``), so decoding leaves the critical path where the
+decoder releases the GIL (imagecodecs' JPEG 2000 decoder, see :func:`monai_ecrm.data.image_io.dicom_decoding_plugin`;
+pydicom's pylibjpeg and Pillow plugins hold it). The network and the writing stay in the calling thread, in input
+order, so outputs, reports and interruption behave as when each frame is processed in turn.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
 import os
+import queue
 import sys
+import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,6 +287,9 @@ class ClinicalInference:
         progress: show progress bars (files, and frames of multi-frame files).
         bundle_root: the bundle whose version names the algorithm in the SEGs.
         algorithm_parameters: parameters listed in the SEGs' algorithm identification.
+        prefetch: frames decoded and pre-processed ahead, in a background thread, while the network runs on the
+            current one (across the frames of a file and across files); 0 decodes each frame when it is needed.
+            Each frame ahead holds one decoded frame and its network input, so memory does not grow with the video.
     """
 
     def __init__(
@@ -295,9 +307,11 @@ class ClinicalInference:
         progress: bool = True,
         bundle_root: str | os.PathLike | None = None,
         algorithm_parameters: dict[str, Any] | None = None,
+        prefetch: int = 2,
     ) -> None:
         self.model = model
         self.output_dir = Path(output_dir)
+        self.prefetch = prefetch
         self.dicom_png = dicom_png
         self.overwrite = overwrite
         self.data_root_dir = data_root_dir
@@ -317,8 +331,14 @@ class ClinicalInference:
         )
         self.writer: SaveDicomSegd = self.postprocessing.transforms[-1]
 
-    def _segment(self, item: dict[str, Any]) -> None:
-        data = self.preprocessing(item)
+    def _preprocess(self, item: dict[str, Any]) -> dict[str, Any] | DataError:
+        """The network input of a frame, or the error that names the frame (run ahead, in the prefetch thread)."""
+        try:
+            return self.preprocessing(item)
+        except DataError as error:
+            return error
+
+    def _segment(self, data: dict[str, Any]) -> None:
         image = data["image"]
         with torch.no_grad():
             logits = self.model(image.as_tensor().unsqueeze(0).to(self.device))
@@ -352,57 +372,107 @@ class ClinicalInference:
             return [{"image": str(path)}], 1
         return ({"image": str(path), "frame": frame} for frame in range(info.frames)), info.frames
 
+    def _events(self, paths: Iterable[str | os.PathLike]) -> Iterator[Any]:
+        """What the prefetch thread hands over, in input order: an :class:`InputResult` for an input that is skipped
+        before decoding; for the others a :class:`_FileJob`, then per frame its network input (or the ``DataError``
+        of a frame that cannot be decoded or loaded), then a :class:`_FileEnd` (with the error that stopped the file,
+        if any)."""
+        for path in map(Path, paths):
+            try:
+                fmt = picture_format(path)
+            except DataError as error:
+                yield InputResult(str(path), "skipped", detail=_problem(error))
+                continue
+            try:
+                expected = self._outputs(path, fmt)
+            except DataError:  # unreadable header: reported when processed
+                expected = []
+            if expected and not self.overwrite and all(output.is_file() for output in expected):
+                yield InputResult(str(path), "skipped-existing", [str(output) for output in expected])
+                continue
+            job = _FileJob(path, fmt, expected)
+            try:
+                items, job.num_frames = self._frames(path, fmt)
+                yield job
+                for item in items:
+                    yield item if isinstance(item, DataError) else self._preprocess(item)
+            except (DataError, ValueError, RuntimeError, OSError) as error:  # NotAnImageError included
+                yield _FileEnd(job, error)
+            else:
+                yield _FileEnd(job, None)
+
+    def _results(self, events: Iterable[Any]) -> Iterator[InputResult]:
+        """Segment the frames of :meth:`_events` (network and writing, in this thread) and say what happened to each
+        input, in order."""
+        job: _FileJob | None = None
+        bar = None
+        for event in events:
+            if isinstance(event, InputResult):
+                yield event
+            elif isinstance(event, _FileJob):
+                job = event
+                if self.progress and job.num_frames > 1:
+                    bar = _progress(None, job.num_frames, True, job.path.name)
+            elif isinstance(event, _FileEnd):
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                yield self._finish(event.job, event.error)
+                job = None
+            elif job is not None and job.error is None:  # a frame of the current file, unless the file failed
+                if bar is not None:
+                    bar.update()
+                if isinstance(event, DataError):
+                    job.problems.append(_problem(event))
+                    continue
+                try:
+                    self._segment(event)
+                    job.segmented += 1
+                except DataError as error:
+                    job.problems.append(_problem(error))
+                except (ValueError, RuntimeError, OSError) as error:
+                    job.error = error
+
+    def _finish(self, job: _FileJob, error: Exception | None) -> InputResult:
+        """The result of an input whose frames were all segmented, reported or given up."""
+        path = job.path
+        error = job.error or error
+        if error is None and job.fmt == "dicom":
+            try:
+                self.writer.flush(path)
+            except (DataError, ValueError, RuntimeError, OSError) as flush_error:
+                error = flush_error
+        if isinstance(error, NotAnImageError):
+            return InputResult(str(path), "skipped", detail=_problem(error))
+        problems, segmented = job.problems, job.segmented
+        if error is not None:
+            self.writer.discard(path)
+            problems.append(_problem(error))
+            segmented = 0
+        written = [str(output) for output in job.expected if output.is_file()]
+        if not problems and len(written) < len(job.expected):
+            problems.append(f"not written: {', '.join(str(o) for o in job.expected if str(o) not in written)}")
+        if not problems:
+            return InputResult(str(path), "written", written)
+        status = "partial" if segmented and written else "failed"
+        if status == "partial":
+            problems.insert(0, f"{segmented} of {job.num_frames} frames segmented")
+        return InputResult(str(path), status, written, "; ".join(problems))
+
     def process(self, path: str | os.PathLike) -> InputResult:
         """Segment one input file and say what happened (errors are reported, not raised).
 
         Args:
             path: the input file.
         """
-        path = Path(path)
-        try:
-            fmt = picture_format(path)
-        except DataError as error:
-            return InputResult(str(path), "skipped", detail=_problem(error))
-        try:
-            expected = self._outputs(path, fmt)
-        except DataError:  # unreadable header: reported when processed
-            expected = []
-        if expected and not self.overwrite and all(output.is_file() for output in expected):
-            return InputResult(str(path), "skipped-existing", [str(output) for output in expected])
-        problems: list[str] = []
-        segmented = 0
-        try:
-            items, num_frames = self._frames(path, fmt)
-            bar = _progress(items, num_frames, self.progress and num_frames > 1, path.name)
-            for item in bar:
-                if isinstance(item, DataError):
-                    problems.append(_problem(item))
-                    continue
-                try:
-                    self._segment(item)
-                    segmented += 1
-                except DataError as error:
-                    problems.append(_problem(error))
-            if fmt == "dicom":
-                self.writer.flush(path)
-        except NotAnImageError as error:
-            return InputResult(str(path), "skipped", detail=_problem(error))
-        except (DataError, ValueError, RuntimeError, OSError) as error:
-            self.writer.discard(path)
-            problems.append(_problem(error))
-            segmented = 0
-        written = [str(output) for output in expected if output.is_file()]
-        if not problems and len(written) < len(expected):
-            problems.append(f"not written: {', '.join(str(o) for o in expected if str(o) not in written)}")
-        if not problems:
-            return InputResult(str(path), "written", written)
-        status = "partial" if segmented and written else "failed"
-        if status == "partial":
-            problems.insert(0, f"{segmented} of {num_frames} frames segmented")
-        return InputResult(str(path), status, written, "; ".join(problems))
+        with _prefetched(self._events([path]), self.prefetch) as events:
+            return next(self._results(events))
 
     def run(self, inputs: Sequence[str | os.PathLike], results: list[InputResult] | None = None) -> list[InputResult]:
         """Process every input (a progress bar over the files) and return what happened to each.
+
+        The next frames (of this file or the next ones) are decoded in a background thread while the network runs
+        (``prefetch``); results, outputs and their order are those of processing one frame after the other.
 
         Args:
             inputs: input files (see :func:`find_inputs`).
@@ -410,14 +480,111 @@ class ClinicalInference:
         """
         results = [] if results is None else results
         try:
-            for path in _progress(inputs, len(inputs), self.progress, "inputs", unit="file"):
-                results.append(self.process(path))
+            with _prefetched(self._events(inputs), self.prefetch) as events:
+                for result in _progress(self._results(events), len(inputs), self.progress, "inputs", unit="file"):
+                    results.append(result)
         finally:
             self.writer.close()
         return results
 
 
-def _progress(items: Iterable[Any], total: int, enabled: bool, description: str, unit: str = "frame"):
+@dataclass
+class _FileJob:
+    """An input being segmented: what :meth:`ClinicalInference._finish` needs to report it."""
+
+    path: Path
+    fmt: str
+    expected: list[Path]
+    num_frames: int = 0
+    problems: list[str] = field(default_factory=list)
+    segmented: int = 0
+    error: Exception | None = None
+
+
+@dataclass
+class _FileEnd:
+    """The last event of an input: every frame was handed over, or ``error`` stopped it."""
+
+    job: _FileJob
+    error: Exception | None
+
+
+class _Prefetch:
+    """Iterate in a background thread, at most ``depth`` items ahead of the consumer, in order.
+
+    An exception raised by the iterable is raised by ``next`` where the iterable raised it. A bounded queue, so the
+    items ahead never hold more than ``depth`` frames. The decoders (imagecodecs) and torch release the GIL, so the
+    thread decodes while the network runs. MONAI's ``monai.data.ThreadBuffer`` does the same queueing but ends the
+    iteration silently when its source raises, which would cut a job short without a report: hence this class.
+    """
+
+    _END = object()
+
+    def __init__(self, iterable: Iterable[Any], depth: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._fill, args=(iter(iterable),), name="monai-ecrm-prefetch")
+        self._thread.daemon = True  # an interrupted job does not wait for it at exit
+        self._thread.start()
+
+    def _put(self, entry: tuple[Any, BaseException | None]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, iterator: Iterator[Any]) -> None:
+        try:
+            for item in iterator:
+                if not self._put((item, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as error:  # raised again in the consumer's thread, in order
+            self._put((None, error))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # closes the files of an abandoned generator in this thread
+
+    def __iter__(self) -> _Prefetch:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        item, error = self._queue.get()
+        if error is not None:
+            self._done = True
+            raise error
+        if item is self._END:
+            self._done = True
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (after the item it is preparing) and wait for it."""
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def _prefetched(iterable: Iterable[Any], depth: int) -> Iterator[Iterable[Any]]:
+    """The items of ``iterable``, prepared ``depth`` ahead in a background thread (as they are, for ``depth`` 0)."""
+    if depth <= 0:
+        yield iterable
+        return
+    prefetch = _Prefetch(iterable, depth)
+    try:
+        yield prefetch
+    finally:
+        prefetch.close()
+
+
+def _progress(items: Iterable[Any] | None, total: int, enabled: bool, description: str, unit: str = "frame"):
     if not enabled:
         return items
     from tqdm import tqdm

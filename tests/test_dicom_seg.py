@@ -217,3 +217,32 @@ def test_masks_of_another_size_are_an_error_naming_the_source(tmp_path):
     with pytest.raises(DataError, match="10 rows x 12 columns") as raised:
         build_dicom_seg(source, np.zeros((12, 10), dtype=bool))
     assert str(path) in str(raised.value)
+
+
+def test_jpeg2000_frames_decode_to_the_pixels_of_pydicoms_decoder(tmp_path):
+    """The JPEG 2000 decoder used for the frames (imagecodecs' where installed) is lossless to the same pixels as
+    pydicom's pylibjpeg plugin, colour transform included, for a single frame and for the frames of a video; a bad
+    frame of the video is reported and the frames after it decoded."""
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.pixels import pixel_array
+
+    sample = real_data("dicom_samples") / "nema_wg04_vl2_j2kr.dcm"
+    reference = pixel_array(sample, decoding_plugin="pylibjpeg")
+    (frame,) = iter_dicom_frames(sample)
+    np.testing.assert_array_equal(frame.data, reference)
+    np.testing.assert_array_equal(read_picture(sample)[0], reference)
+
+    source = pydicom.dcmread(sample)
+    codestream = next(generate_frames(source.PixelData, number_of_frames=1))
+    ds = dicom_dataset(np.stack([reference] * 3), frames=3)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MULTIFRAME_TRUE_COLOR_SC
+    ds.file_meta.TransferSyntaxUID = source.file_meta.TransferSyntaxUID
+    ds.PhotometricInterpretation = source.PhotometricInterpretation
+    ds.PixelData = encapsulate([codestream, codestream[: len(codestream) // 3], codestream])
+    ds["PixelData"].VR = "OB"
+    path = write_dicom(tmp_path / "video.dcm", ds)
+    streamed = list(iter_dicom_frames(path))
+    assert isinstance(streamed[1], DataError) and "frame 1" in str(streamed[1])
+    for index in (0, 2):
+        np.testing.assert_array_equal(streamed[index].data, reference, err_msg=f"frame {index}")
+        np.testing.assert_array_equal(read_picture(path, frame=index)[0], reference, err_msg=f"frame {index}")

@@ -323,3 +323,43 @@ def test_bundle_folder_and_a_checkpoint_that_does_not_fit(tmp_path, ecrm_checkpo
     error = capsys.readouterr().err
     assert str(ecrm_checkpoint) in error and "does not fit" in error and "bank_size=3" in error
     assert not (tmp_path / "bad").exists(), "nothing is written when the model cannot be loaded"
+
+
+def test_pipelined_job_equals_the_sequential_job(tmp_path, torchscript_model):
+    """Decoding ahead in a background thread changes nothing a user sees: the same results in input order, the same
+    reports for a bad frame and a bad file, the same masks frame by frame."""
+    from monai_ecrm.infer import ClinicalInference, find_inputs, load_model
+
+    inputs = _mixed_folder(tmp_path / "in")
+    multiframe_dicom(inputs / "e.dcm", video_frames(5, 36, 48), rle=True, bad_frames=(2,))
+    truncated = write_dicom(inputs / "f.dcm", dicom_dataset(video_frames(1, 36, 48)[0]))
+    truncated.write_bytes(truncated.read_bytes()[:-500])
+    write_dicom(inputs / "g.dcm", dicom_dataset(video_frames(7, 36, 48)[6]))
+    paths = find_inputs(inputs)
+    model = load_model(torchscript=torchscript_model)
+    folders, reports = {}, {}
+    for name, prefetch in (("sequential", 0), ("pipelined", 2)):
+        folders[name] = tmp_path / name
+        job = ClinicalInference(model, folders[name], spatial_size=32, progress=False, prefetch=prefetch)
+        results = job.run(paths)
+        assert [result.input for result in results] == [str(path) for path in paths], "results keep the input order"
+        reports[name] = {Path(r.input).name: (r.status, r.detail) for r in results}
+    assert reports["pipelined"] == reports["sequential"]
+    assert reports["pipelined"]["e.dcm"][0] == "partial" and "frame 2" in reports["pipelined"]["e.dcm"][1]
+    assert reports["pipelined"]["f.dcm"][0] == "failed" and reports["pipelined"]["g.dcm"][0] == "written"
+    sequential, pipelined = folders["sequential"], folders["pipelined"]
+    names = sorted(p.name for p in sequential.iterdir())
+    assert names == sorted(p.name for p in pipelined.iterdir()) and "e_seg.dcm" in names
+    for name in names:
+        if name.endswith(".png"):
+            assert (sequential / name).read_bytes() == (pipelined / name).read_bytes(), name
+        else:
+            first, second = pydicom.dcmread(sequential / name), pydicom.dcmread(pipelined / name)
+            np.testing.assert_array_equal(first.pixel_array, second.pixel_array, err_msg=name)
+            numbers = [
+                [item.DerivationImageSequence[0].SourceImageSequence[0].get("ReferencedFrameNumber") for item in
+                 seg.PerFrameFunctionalGroupsSequence]
+                for seg in (first, second)
+            ]  # fmt: skip
+            assert numbers[0] == numbers[1], name
+    assert not (pipelined / PARTIAL_DIR).exists()

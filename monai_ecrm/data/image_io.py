@@ -29,6 +29,7 @@ Intensities are returned as stored (uint8, uint16, float), with ``bit_depth`` sa
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "DICOM_ID_KEYWORDS",
     "PictureInfo",
     "SUPPORTED_SUFFIXES",
+    "dicom_decoding_plugin",
     "file_stem",
     "frame_filename",
     "picture_format",
@@ -342,6 +344,62 @@ def _dicom_dataset(path: str | os.PathLike):
         raise _fail(path, f"unreadable DICOM file: {error}") from None
 
 
+# pydicom's decoding-plugin interface, with this module as the plugin module: ``DECODER_DEPENDENCIES``,
+# ``is_available(uid)`` and the frame decoder. The plugin is imagecodecs' JPEG 2000 decoder: the same openjpeg as
+# pydicom's pylibjpeg and Pillow plugins, so the same pixels, but it releases the GIL while it decodes (those two hold
+# it for the whole frame), so a frame decoded in a background thread overlaps the network (monai_ecrm.infer).
+IMAGECODECS_PLUGIN = "imagecodecs"
+"""Label of the imagecodecs JPEG 2000 decoding plugin this module adds to pydicom."""
+_PLUGIN_LOCK = threading.Lock()
+
+DECODER_DEPENDENCIES = {
+    "1.2.840.10008.1.2.4.90": ("imagecodecs>=2024.1.1",),  # JPEG 2000 Image Compression (Lossless Only)
+    "1.2.840.10008.1.2.4.91": ("imagecodecs>=2024.1.1",),  # JPEG 2000 Image Compression
+}
+
+
+def is_available(uid: str) -> bool:
+    """pydicom plugin interface: whether the imagecodecs plugin can decode this transfer syntax here."""
+    if uid not in DECODER_DEPENDENCIES:
+        return False
+    try:
+        import imagecodecs
+    except ImportError:
+        return False
+    return bool(getattr(getattr(imagecodecs, "JPEG2K", None), "available", False))
+
+
+def _decode_frame(src: bytes, runner) -> bytes:
+    """pydicom plugin interface: one JPEG 2000 frame, with the runner options pydicom's pylibjpeg plugin sets (openjpeg
+    applies the inverse colour transform, so YBR_RCT/YBR_ICT frames come out RGB; bits allocated from the precision)."""
+    import imagecodecs
+
+    frame = imagecodecs.jpeg2k_decode(src, numthreads=1)  # one thread: it runs beside the network's threads
+    if runner.photometric_interpretation in ("YBR_ICT", "YBR_RCT"):
+        runner.set_option("photometric_interpretation", "RGB")
+    precision = runner.get_option("j2k_precision", runner.bits_stored)
+    runner.set_option("bits_allocated", 8 if precision <= 8 else 16 if precision <= 16 else 32)
+    return frame.tobytes()
+
+
+def dicom_decoding_plugin(transfer_syntax: str) -> str:
+    """The pydicom decoding plugin to decode frames of this transfer syntax with: :data:`IMAGECODECS_PLUGIN` for JPEG
+    2000 where imagecodecs is installed (added to pydicom's decoder on first use), else ``""`` (pydicom's choice).
+
+    Args:
+        transfer_syntax: the file's Transfer Syntax UID.
+    """
+    if not is_available(str(transfer_syntax)):
+        return ""
+    from pydicom.pixels import get_decoder
+
+    decoder = get_decoder(transfer_syntax)
+    with _PLUGIN_LOCK:  # pydicom's add_plugin is not thread-safe; frames are decoded in a background thread
+        if IMAGECODECS_PLUGIN not in decoder.available_plugins:
+            decoder.add_plugin(IMAGECODECS_PLUGIN, (__name__, "_decode_frame"))
+    return IMAGECODECS_PLUGIN
+
+
 def _probe_dicom_dataset(path: str | os.PathLike, dataset) -> PictureInfo:
     from pydicom.pixels import get_decoder
 
@@ -399,13 +457,14 @@ def _read_dicom(path: str | os.PathLike, frame: int | None) -> tuple[np.ndarray,
     dataset = _dicom_dataset(path)
     info = _probe_dicom_dataset(path, dataset)
     index = _frame_index(info, frame)
+    plugin = dicom_decoding_plugin(dataset.file_meta.TransferSyntaxUID)
     try:
         # pydicom converts YBR_FULL and YBR_FULL_422 to RGB; the JPEG 2000 decoders undo YBR_RCT and YBR_ICT.
         if info.frames > 1:
             # from the path, pydicom reads and decodes this frame only, not the whole video
-            data = pixel_array(os.fspath(path), index=index)
+            data = pixel_array(os.fspath(path), index=index, decoding_plugin=plugin)
         else:
-            data = pixel_array(dataset)
+            data = pixel_array(dataset, decoding_plugin=plugin)
     except Exception as error:  # decoders raise RuntimeError, ValueError, NotImplementedError, ...
         syntax = dataset.file_meta.TransferSyntaxUID
         raise _fail(path, f"cannot decode DICOM pixel data ({syntax.name}): {error}") from None
