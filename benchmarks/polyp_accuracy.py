@@ -397,7 +397,7 @@ def train(
         return saved
 
     track_val = val_data is not None and len(val_data) > 0 and args.val_every > 0
-    state.setdefault("val_loss", [])
+    state.setdefault("val_loss", [])  # checkpoints written before the curve was recorded
 
     def record_val_loss() -> None:
         if track_val and (not state["val_loss"] or state["val_loss"][-1][0] != state["step"]):
@@ -544,8 +544,8 @@ def run_one(
         "data_cache_seconds": round(data.cache_seconds, 3),
         "memory_refreshed_images": refreshed,
         "final_loss_mean_last_10pct": float(np.mean(losses[-max(1, len(losses) // 10) :])),
-        "val_loss": state.get("val_loss", []),
-        "val_loss_plateau": plateau(state.get("val_loss", [])),
+        "val_loss": state["val_loss"],
+        "val_loss_plateau": plateau(state["val_loss"]),
         "threads": torch.get_num_threads(),
         "host": platform.node(),
         "network": network_kwargs(args) if model != "flexunet" else {"backbone": args.backbone},

@@ -38,10 +38,8 @@ import json
 import os
 import shutil
 import socket
-import threading
 import uuid
 import weakref
-from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -90,6 +88,13 @@ SEG_SERIES_NUMBER = 900
 
 _HEADERS_KEPT = 4
 """Source headers :meth:`SaveDicomSegd.source_header` keeps: the file being written and those being decoded ahead."""
+
+
+def _read_source_header(path: str, mtime_ns: int):
+    """:func:`read_dicom_source`, with the file's modification time as part of the cache key (a rewritten file is
+    read again)."""
+    return read_dicom_source(path)
+
 
 PARTIAL_DIR = ".monai-ecrm-partial"
 """Folder inside the output folder where files are written before they are renamed into place."""
@@ -659,8 +664,8 @@ class SaveDicomSegd(MapTransform):
         self._pending: dict[str, _PendingSeg] = {}
         self._partial: Path | None = None
         self._png_writer: SavePredictiond | None = None
-        self._headers: OrderedDict[str, tuple[int, Any]] = OrderedDict()
-        self._header_lock = threading.Lock()
+        # keyed by (path, modification time); functools' cache is safe to share with the decoding thread
+        self._cached_header = functools.lru_cache(maxsize=_HEADERS_KEPT)(_read_source_header)
 
     # ---------------------------------------------------------------------------------------------- atomic files
     def _partial_dir(self) -> Path:
@@ -733,19 +738,7 @@ class SaveDicomSegd(MapTransform):
             source_path: the DICOM source file.
         """
         key = str(source_path)
-        stamp = os.stat(key).st_mtime_ns
-        with self._header_lock:
-            cached = self._headers.get(key)
-            if cached is not None and cached[0] == stamp:
-                self._headers.move_to_end(key)
-                return cached[1]
-        header = read_dicom_source(key)
-        with self._header_lock:
-            self._headers[key] = (stamp, header)
-            self._headers.move_to_end(key)
-            while len(self._headers) > _HEADERS_KEPT:
-                self._headers.popitem(last=False)
-        return header
+        return self._cached_header(key, os.stat(key).st_mtime_ns)
 
     def _write_seg(self, source_path: str, masks: np.ndarray | None, pending: _PendingSeg | None) -> Path:
         header = self.source_header(source_path)

@@ -12,8 +12,10 @@ import numpy as np
 import pydicom
 import pytest
 from conftest_data import dicom_dataset, real_data, write_dicom
+from pydicom.uid import ExplicitVRLittleEndian
 
 from monai_ecrm.data import DataError, read_picture
+from monai_ecrm.data.image_io import IMAGECODECS_PLUGIN, dicom_decoding_plugin
 from monai_ecrm.dicom_seg import (
     ALGORITHM_NAME,
     POLYP_CATEGORY,
@@ -228,11 +230,13 @@ def test_jpeg2000_frames_decode_to_the_pixels_of_pydicoms_decoder(tmp_path):
 
     sample = real_data("dicom_samples") / "nema_wg04_vl2_j2kr.dcm"
     reference = pixel_array(sample, decoding_plugin="pylibjpeg")
+    source = pydicom.dcmread(sample)
+    assert dicom_decoding_plugin(source.file_meta.TransferSyntaxUID) == IMAGECODECS_PLUGIN, "imagecodecs is installed"
+    assert dicom_decoding_plugin(ExplicitVRLittleEndian) == "", "other syntaxes keep pydicom's own decoders"
     (frame,) = iter_dicom_frames(sample)
     np.testing.assert_array_equal(frame.data, reference)
     np.testing.assert_array_equal(read_picture(sample)[0], reference)
 
-    source = pydicom.dcmread(sample)
     codestream = next(generate_frames(source.PixelData, number_of_frames=1))
     ds = dicom_dataset(np.stack([reference] * 3), frames=3)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MULTIFRAME_TRUE_COLOR_SC

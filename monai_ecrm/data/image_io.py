@@ -344,42 +344,9 @@ def _dicom_dataset(path: str | os.PathLike):
         raise _fail(path, f"unreadable DICOM file: {error}") from None
 
 
-# pydicom's decoding-plugin interface, with this module as the plugin module: ``DECODER_DEPENDENCIES``,
-# ``is_available(uid)`` and the frame decoder. The plugin is imagecodecs' JPEG 2000 decoder: the same openjpeg as
-# pydicom's pylibjpeg and Pillow plugins, so the same pixels, but it releases the GIL while it decodes (those two hold
-# it for the whole frame), so a frame decoded in a background thread overlaps the network (monai_ecrm.infer).
 IMAGECODECS_PLUGIN = "imagecodecs"
-"""Label of the imagecodecs JPEG 2000 decoding plugin this module adds to pydicom."""
+"""Label of the imagecodecs JPEG 2000 decoding plugin (:mod:`monai_ecrm.data.imagecodecs_plugin`) added to pydicom."""
 _PLUGIN_LOCK = threading.Lock()
-
-DECODER_DEPENDENCIES = {
-    "1.2.840.10008.1.2.4.90": ("imagecodecs>=2024.1.1",),  # JPEG 2000 Image Compression (Lossless Only)
-    "1.2.840.10008.1.2.4.91": ("imagecodecs>=2024.1.1",),  # JPEG 2000 Image Compression
-}
-
-
-def is_available(uid: str) -> bool:
-    """pydicom plugin interface: whether the imagecodecs plugin can decode this transfer syntax here."""
-    if uid not in DECODER_DEPENDENCIES:
-        return False
-    try:
-        import imagecodecs
-    except ImportError:
-        return False
-    return bool(getattr(getattr(imagecodecs, "JPEG2K", None), "available", False))
-
-
-def _decode_frame(src: bytes, runner) -> bytes:
-    """pydicom plugin interface: one JPEG 2000 frame, with the runner options pydicom's pylibjpeg plugin sets (openjpeg
-    applies the inverse colour transform, so YBR_RCT/YBR_ICT frames come out RGB; bits allocated from the precision)."""
-    import imagecodecs
-
-    frame = imagecodecs.jpeg2k_decode(src, numthreads=1)  # one thread: it runs beside the network's threads
-    if runner.photometric_interpretation in ("YBR_ICT", "YBR_RCT"):
-        runner.set_option("photometric_interpretation", "RGB")
-    precision = runner.get_option("j2k_precision", runner.bits_stored)
-    runner.set_option("bits_allocated", 8 if precision <= 8 else 16 if precision <= 16 else 32)
-    return frame.tobytes()
 
 
 def dicom_decoding_plugin(transfer_syntax: str) -> str:
@@ -389,14 +356,16 @@ def dicom_decoding_plugin(transfer_syntax: str) -> str:
     Args:
         transfer_syntax: the file's Transfer Syntax UID.
     """
-    if not is_available(str(transfer_syntax)):
+    from monai_ecrm.data import imagecodecs_plugin
+
+    if not imagecodecs_plugin.is_available(str(transfer_syntax)):
         return ""
     from pydicom.pixels import get_decoder
 
     decoder = get_decoder(transfer_syntax)
     with _PLUGIN_LOCK:  # pydicom's add_plugin is not thread-safe; frames are decoded in a background thread
         if IMAGECODECS_PLUGIN not in decoder.available_plugins:
-            decoder.add_plugin(IMAGECODECS_PLUGIN, (__name__, "_decode_frame"))
+            decoder.add_plugin(IMAGECODECS_PLUGIN, (imagecodecs_plugin.__name__, "decode_frame"))
     return IMAGECODECS_PLUGIN
 
 
