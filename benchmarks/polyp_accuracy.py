@@ -77,7 +77,7 @@ from torch import nn
 
 import monai_ecrm  # noqa: F401  (registers efficientnet-lite0 and its offline ImageNet weights)
 from monai_ecrm.data import folder_datalist, split_datalist
-from monai_ecrm.handlers import refresh_memory
+from monai_ecrm.handlers import refresh_batchnorm, refresh_memory
 from monai_ecrm.handlers.aux_supervision import aux_to_label_size
 from monai_ecrm.metrics.evaluation import TABLE_HEADERS, score_pair, summarize
 from monai_ecrm.networks.nets import ECRMUNet
@@ -99,6 +99,14 @@ VAL = "val"
 VAL_SPLIT_SEED = 20240611  # the validation split is the same for every run and seed
 WEIGHT_DECAY = 0.01
 KEY_CHANNELS = 256
+#: ECRMUNet's variant options at their DCRNet values (not recorded in a run's configuration)
+DEFAULT_ECRM_OPTIONS = {
+    "memory_stride": None,
+    "context_start": "full",
+    "prototypes": "coarse",
+    "background_tokens": False,
+    "attend_first": None,
+}
 SUITE = tuple(TABLE_HEADERS)  # metric keys in the papers' column order
 
 
@@ -106,7 +114,7 @@ SUITE = tuple(TABLE_HEADERS)  # metric keys in the papers' column order
 class IdentityECRM(nn.Module):
     """Stand-in for ECRM: ``x -> (x, x[:, :1])``, the features unchanged and a dummy coarse map (never supervised)."""
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return x, x[:, :1]
 
 
@@ -121,7 +129,24 @@ def network_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "use_icrm": False,
         "ecrm_channels": args.ecrm_channels,
         "key_channels": KEY_CHANNELS,
+        **ecrm_options(args),
     }
+
+
+def ecrm_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ECRM variant options (``ECRMUNet`` arguments) given on the command line."""
+    return {
+        "memory_stride": args.memory_stride,
+        "context_start": args.context_start,
+        "prototypes": args.prototypes,
+        "background_tokens": args.background_tokens,
+        "attend_first": args.attend_first,
+    }
+
+
+def model_name(model: str, args: argparse.Namespace) -> str:
+    """The run's model name: ``ecrm`` or ``ecrm/<variant>`` (``--variant``), the others as they are."""
+    return f"ecrm/{args.variant}" if model == "ecrm" and args.variant else model
 
 
 def build_network(model: str, init: str, seed: int, args: argparse.Namespace) -> nn.Module:
@@ -130,16 +155,26 @@ def build_network(model: str, init: str, seed: int, args: argparse.Namespace) ->
     pretrained = init == "pretrained"
     if model == "flexunet":
         return FlexibleUNet(in_channels=3, out_channels=1, backbone=args.backbone, pretrained=pretrained)
-    net = ECRMUNet(pretrained=pretrained, **network_kwargs(args))
+    kwargs = network_kwargs(args)
+    if model == "no_ecrm":
+        # the DCRNet block (the variants change nothing once ECRM is replaced), at the deepest level
+        kwargs.update(memory_stride=None, context_start="full", prototypes="coarse", background_tokens=False)
+        kwargs.update(attend_first=None, ecrm_channels=deepest_channels(args.backbone))
+    net = ECRMUNet(pretrained=pretrained, **kwargs)
     if model == "no_ecrm":
         net.ecrm = IdentityECRM()
     return net
 
 
-def deepest_channels(backbone: str) -> int:
+def deepest_channels(backbone: str, memory_stride: int | None = None) -> int:
+    """Channels of the encoder level at ``memory_stride`` (the deepest level by default)."""
     from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
 
-    return int(FLEXUNET_BACKBONE.register_dict[backbone]["feature_channel"][-1])
+    entry = FLEXUNET_BACKBONE.register_dict[backbone]
+    channels = entry["feature_channel"]
+    if memory_stride is None:
+        return int(channels[-1])
+    return int(channels[int(math.log2(memory_stride)) - 1])
 
 
 # -------------------------------------------------------------------------------------------------------------- data
@@ -238,15 +273,20 @@ class _MemoryImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.cache)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.as_tensor(self.normalize(self.cache[index]["image"].float()))
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.cache[index]
+        image = torch.as_tensor(self.normalize(item["image"].float()))
+        return {"image": image, "label": torch.as_tensor(item["label"]).float()}
 
 
 # ---------------------------------------------------------------------------------------------------------- training
 def run_config(model: str, init: str, seed: int, args: argparse.Namespace, train_fp: str) -> dict[str, Any]:
-    """What must match for a checkpoint or result to be continued or reused (everything but the step count)."""
-    return {
-        "model": model,
+    """What must match for a checkpoint or result to be continued or reused (everything but the step count).
+
+    Keys added after the first protocol (``amp``, ``bn_refresh``, ``ecrm_options``) are left out at their old
+    defaults, so earlier runs keep their configuration."""
+    config = {
+        "model": model_name(model, args),
         "init": init,
         "seed": seed,
         "backbone": args.backbone,
@@ -262,6 +302,16 @@ def run_config(model: str, init: str, seed: int, args: argparse.Namespace, train
         "val_fraction": args.val_fraction,
         "train_fingerprint": train_fp,
     }
+    if args.amp != "fp32":
+        config["amp"] = args.amp
+    if args.bn_refresh:
+        config["bn_refresh"] = True
+    options = {k: v for k, v in ecrm_options(args).items() if v != DEFAULT_ECRM_OPTIONS[k]}
+    if model == "ecrm" and options:
+        config["ecrm_options"] = options
+    if model != "ecrm":
+        config["ecrm_channels"] = deepest_channels(args.backbone)
+    return config
 
 
 def cosine(total_steps: int):
@@ -415,9 +465,12 @@ def train(
             tic = time.perf_counter()
             images, labels = images.to(device), labels.to(device)
             captured.clear()
-            loss = loss_fn(net(images), labels)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.get("amp") == "bf16"):
+                logits = net(images, labels=labels) if isinstance(net, ECRMUNet) else net(images)
+            loss = loss_fn(logits.float(), labels)
             if hook is not None:
-                aux = aux_to_label_size(captured.pop(), labels.shape[2:], net.stride)
+                stride = getattr(net, "memory_stride", net.stride)
+                aux = aux_to_label_size(captured.pop().float(), labels.shape[2:], stride)
                 loss = loss + aux_weight * loss_fn(aux, labels)
             if not torch.isfinite(loss):
                 sys.exit(f"{run_dir.name}: non-finite loss at step {state['step']}")
@@ -471,6 +524,54 @@ def evaluate(net: nn.Module, datasets: dict[str, list[dict[str, Any]]], args: ar
     return {"summary": summary, "per_image": per_image}
 
 
+def memory_use(
+    net: nn.Module, datasets: dict[str, list[dict[str, Any]]], evaluation: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Whether the network uses its memory: the learned context gate (``context_start="gate"``), the size of the
+    context's fusion weights, and what changes when the memory is emptied at test time: mean Dice of the
+    0.5-thresholded map at original size with and without the memory (both computed here the same way), and the
+    mean absolute change of the probabilities at the network's input size."""
+    import copy
+
+    ecrm = net.ecrm
+    emptied = copy.deepcopy(net).eval()
+    emptied.ecrm.memory.reset()
+    preprocessing = full_size_eval_transforms(args.size, normalization=args.normalization)
+    postprocessing = full_size_eval_postprocessing(preprocessing)
+    device = torch.device(args.device)
+    emptied.to(device)
+    result: dict[str, Any] = {
+        "context_gate": float(ecrm.context_gate.detach().reshape(-1)[0]) if getattr(ecrm, "gated", False) else None,
+        "fuse_context_weight_norm": float(ecrm.fuse_context.weight.detach().norm()),
+        "fuse_features_weight_norm": float(ecrm.fuse_features.weight.detach().norm()),
+        "dice": {},
+        "dice_memory_emptied": {},
+        "mean_abs_prob_change": {},
+    }
+
+    def dice(sample: dict[str, Any], prob: torch.Tensor) -> float:
+        sample = postprocessing({**sample, "pred": prob})
+        pred, gt = (torch.as_tensor(sample[key])[0] > 0.5 for key in ("pred", "gt"))
+        total = int(pred.sum()) + int(gt.sum())
+        return 2.0 * int((pred & gt).sum()) / total if total else 0.0
+
+    with torch.no_grad():
+        for name, items in datasets.items():
+            full_dice, empty_dice, changes = [], [], []
+            for item in items:
+                sample = preprocessing(dict(item))
+                image = sample["image"][None].to(device)
+                full = torch.sigmoid(net(image)[0].float()).cpu()
+                empty = torch.sigmoid(emptied(image)[0].float()).cpu()
+                changes.append(float((full - empty).abs().mean()))
+                full_dice.append(dice(sample, full))
+                empty_dice.append(dice(sample, empty))
+            result["dice"][name] = float(np.mean(full_dice)) if items else None
+            result["dice_memory_emptied"][name] = float(np.mean(empty_dice)) if items else None
+            result["mean_abs_prob_change"][name] = float(np.mean(changes)) if items else None
+    return result
+
+
 # ------------------------------------------------------------------------------------------------------------- runs
 def run_one(
     model: str,
@@ -484,7 +585,7 @@ def run_one(
     """Train (or continue, or reuse) and evaluate one run; its result, or ``None`` when stopped early."""
     train_fp = fingerprint(datalists["train"])
     config = run_config(model, init, seed, args, train_fp)
-    run_dir = Path(args.work_dir) / f"{model}-{init}-seed{seed}"
+    run_dir = Path(args.work_dir) / f"{config['model'].replace('/', '-')}-{init}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     result_path, weights_path = run_dir / "result.json", run_dir / "final_model.pt"
     datasets = {VAL: datalists["val"], **datalists["test"]} if datalists["val"] else dict(datalists["test"])
@@ -511,7 +612,12 @@ def run_one(
     if state is None:
         return None
     tic = time.perf_counter()
-    refreshed = None
+    refreshed, bn_images = None, None
+    if args.bn_refresh:
+        # BatchNorm statistics recomputed with the final weights (memory frozen), before the memory refresh
+        loader = torch.utils.data.DataLoader(data.memory_images(), batch_size=16, shuffle=False)
+        bn_images = refresh_batchnorm(net, loader, device=torch.device(args.device))
+        _log(run_dir, f"BatchNorm statistics recomputed over {bn_images} training images")
     if model == "ecrm":
         # the ring keeps only the last bank_size prototypes: forwarding the other training images would change nothing
         images = data.memory_images()
@@ -524,6 +630,7 @@ def run_one(
     tic = time.perf_counter()
     evaluation = evaluate(net, datasets, args)
     eval_seconds = time.perf_counter() - tic
+    usage = memory_use(net, datasets, evaluation, args) if model == "ecrm" else None
     train_seconds = sum(segment["train_seconds"] for segment in state["segments"])
     losses = state["losses"]
     result = {
@@ -543,6 +650,8 @@ def run_one(
         "wall_seconds": round(state["wall_seconds"] + refresh_seconds + eval_seconds, 3),
         "data_cache_seconds": round(data.cache_seconds, 3),
         "memory_refreshed_images": refreshed,
+        "bn_refreshed_images": bn_images,
+        "memory_use": usage,
         "final_loss_mean_last_10pct": float(np.mean(losses[-max(1, len(losses) // 10) :])),
         "val_loss": state["val_loss"],
         "val_loss_plateau": plateau(state["val_loss"]),
@@ -580,15 +689,35 @@ def _mean_curve(curves: Sequence[Sequence[Sequence[float]]]) -> list[list[float]
     return [[step, statistics.fmean(curve[step] for curve in losses)] for step in common]
 
 
+#: configuration keys that belong to a model rather than to the protocol shared by the compared models
+PER_MODEL_KEYS = ("seed", "model", "init", "aux_weight", "bank_size", "ecrm_channels", "ecrm_options")
+
+
+def _memory_use_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    uses = [run.get("memory_use") for run in runs if run.get("memory_use")]
+    if not uses:
+        return None
+    names = list(uses[0]["dice"])
+    gates = [use["context_gate"] for use in uses if use.get("context_gate") is not None]
+    return {
+        "context_gate": _mean_sd(gates) if gates else None,
+        "dice_change_memory_emptied": {
+            name: _mean_sd([use["dice_memory_emptied"][name] - use["dice"][name] for use in uses]) for name in names
+        },
+        "mean_abs_prob_change": {name: _mean_sd([use["mean_abs_prob_change"][name] for use in uses]) for name in names},
+    }
+
+
 def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per (model, init, steps, size, ...) with the mean and SD over seeds of every per-run figure."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for result in results:
-        protocol = {k: v for k, v in result["config"].items() if k not in ("seed", "model", "init", "aux_weight")}
-        key = (result["model"], result["init"], result["steps"], json.dumps(protocol, sort_keys=True))
+        protocol = {k: v for k, v in result["config"].items() if k not in PER_MODEL_KEYS}
+        own = {k: v for k, v in result["config"].items() if k in PER_MODEL_KEYS and k not in ("seed", "init")}
+        key = (result["model"], result["init"], result["steps"], json.dumps(protocol, sort_keys=True), json.dumps(own))
         groups.setdefault(key, []).append(result)
     entries = []
-    for (model, init, steps, protocol), runs in groups.items():
+    for (model, init, steps, protocol, _), runs in groups.items():
         runs.sort(key=lambda r: r["seed"])
         names = list(dict.fromkeys(name for run in runs for name in run["summary"]))
         entries.append(
@@ -600,6 +729,9 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "seeds": [run["seed"] for run in runs],
                 "train_images": runs[0]["train_images"],
                 "aux_weight": runs[0]["config"]["aux_weight"],
+                "bank_size": runs[0]["config"]["bank_size"],
+                "ecrm_options": runs[0]["config"].get("ecrm_options", {}),
+                "memory_use": _memory_use_summary(runs),
                 "summary": {
                     name: {
                         "images": runs[0]["summary"].get(name, {}).get("images"),
@@ -619,7 +751,12 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     order = {name: index for index, name in enumerate(MODELS)}
-    entries.sort(key=lambda e: (json.dumps(e["protocol"], sort_keys=True), e["steps"], e["init"], order[e["model"]]))
+
+    def rank(entry: dict[str, Any]) -> tuple:
+        base = entry["model"].split("/")[0]
+        return (order.get(base, len(order)), entry["model"])
+
+    entries.sort(key=lambda e: (json.dumps(e["protocol"], sort_keys=True), e["steps"], e["init"], rank(e)))
     return entries
 
 
@@ -686,14 +823,21 @@ def markdown(entries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, 
     protocols = {json.dumps(entry["protocol"], sort_keys=True) for entry in entries}
     for protocol in sorted(protocols):
         p = json.loads(protocol)
-        aux = {e["aux_weight"] for e in entries if e["model"] == "ecrm" and e["protocol"] == p}
+        aux = {e["aux_weight"] for e in entries if e["model"].startswith("ecrm") and e["protocol"] == p}
         aux_text = f" + {'/'.join(f'{w:g}' for w in sorted(aux))} x ECRM coarse-mask DiceCE for `ecrm`" if aux else ""
         lines.append(
             f"- Protocol: {p['backbone']} encoder, {p['size']} px, batch {p['batch_size']}, AdamW {p['lr']:g} "
             f"(weight decay {p['weight_decay']:g}) with cosine decay, DiceCE{aux_text}, augmentation "
             f"`{p['augment']}`, normalisation `{p['normalization']}`, validation fraction {p['val_fraction']} of "
-            f"the training split, ECRM memory {p['bank_size']} slots, ECRM channels {p['ecrm_channels']}."
+            f"the training split, training precision {p.get('amp', 'fp32')}, BatchNorm statistics "
+            f"{'recomputed after training' if p.get('bn_refresh') else 'as trained'}."
         )
+    variants = [e for e in entries if e["model"].startswith("ecrm")]
+    if variants:
+        lines += ["", "ECRM models (options that differ from the DCRNet block; memory refreshed after training):", ""]
+        for entry in {e["model"]: e for e in variants}.values():
+            options = ", ".join(f"{k}={v}" for k, v in entry["ecrm_options"].items()) or "DCRNet block"
+            lines.append(f"- `{entry['model']}`: {options}; {entry['bank_size']} slots.")
     lines.append("")
     names = list(dict.fromkeys(name for entry in entries for name in entry["summary"] if name != VAL))
     headers = [TABLE_HEADERS[key] for key in SUITE]
@@ -749,6 +893,27 @@ def markdown(entries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, 
             if change["sd"] is not None:
                 change_text += f" ± {100 * change['sd']:.1f}"
             lines.append("| " + " | ".join([entry["model"], entry["init"], *cells, change_text]) + " |")
+    used = [entry for entry in entries if entry.get("memory_use")]
+    if used:
+        names = [n for n in used[0]["memory_use"]["dice_change_memory_emptied"]]
+        lines += [
+            "",
+            "## Does the network use its memory?",
+            "",
+            "Learned context gate (`context_start=gate` only), and what emptying the memory at test time does: change "
+            "of mean Dice (0.5 threshold, original size) and mean absolute change of the probabilities, per set "
+            "(mean over seeds). A memory the network ignores changes nothing.",
+            "",
+            "| Model | Init | Gate | " + " | ".join(f"ΔDice {n}" for n in names)
+            + " | " + " | ".join(f"Δprob {n}" for n in names) + " |",
+            "|---|---|---:|" + "---:|" * (2 * len(names)),
+        ]
+        for entry in used:
+            use = entry["memory_use"]
+            gate = _cell(use["context_gate"], 4) if use["context_gate"] else "n/a"
+            deltas = [_cell(use["dice_change_memory_emptied"][n], 3) for n in names]
+            probs = [_cell(use["mean_abs_prob_change"][n], 4) for n in names]
+            lines.append("| " + " | ".join([entry["model"], entry["init"], gate, *deltas, *probs]) + " |")
     lines += [
         "",
         "## Differences within one standard deviation",
@@ -786,7 +951,7 @@ def gather(work_dir: Path) -> list[dict[str, Any]]:
 
 def save_best(results: Sequence[dict[str, Any]], path: Path, work_dir: Path) -> dict[str, Any]:
     """Write the ECRMUNet run with the best validation mDice as a flat state dict; its description."""
-    candidates = [r for r in results if r["model"] == "ecrm" and VAL in r["summary"]]
+    candidates = [r for r in results if r["model"].startswith("ecrm") and VAL in r["summary"]]
     if not candidates:
         sys.exit("--save-best: no finished ecrm run with a validation split (--val-fraction > 0) in the work dir")
     best = max(candidates, key=lambda r: (r["summary"][VAL]["dice"], -r["seed"]))
@@ -888,7 +1053,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add("--backbone", default="efficientnet-lite0", help="encoder of every model (default %(default)s)")
     add("--bank-size", type=int, default=20, help="ECRM memory slots (default %(default)s)")
-    add("--ecrm-channels", type=int, default=None, help="ECRM output channels (default: the encoder's deepest)")
+    add(
+        "--ecrm-channels",
+        type=int,
+        default=None,
+        help="ECRM output channels (default: the channels of the encoder level ECRM works on)",
+    )
+    add("--variant", default="", help="name of the ECRM variant: run folder and model name `ecrm/<variant>`")
+    add("--memory-stride", type=int, default=None, help="ECRM level by its stride (default: deepest, 32)")
+    add("--context-start", choices=("full", "gate", "zero"), default="full", help="ECRM context start (default full)")
+    add("--prototypes", choices=("coarse", "label"), default="coarse", help="ECRM prototypes (default coarse)")
+    add("--background-tokens", action="store_true", help="ECRM: background prototype in every slot")
+    add(
+        "--attend-first",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="ECRM: attend before writing in training (auto: yes for label prototypes)",
+    )
+    add("--amp", choices=("fp32", "bf16"), default="fp32", help="training precision: bf16 autocast (CPU AMX) or fp32")
+    add(
+        "--bn-refresh",
+        action="store_true",
+        help="recompute BatchNorm statistics with the final weights before the memory refresh and evaluation",
+    )
     add("--val-fraction", type=float, default=0.1, help="training pairs held out for --save-best (default 0.1)")
     add("--work-dir", type=Path, default=Path("polyp_accuracy_runs"), help="run folders (default ./%(default)s)")
     add("--ckpt-every", type=int, default=100, help="checkpoint every N steps, and at the end (default %(default)s)")
@@ -920,8 +1107,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="torch threads (default: $OMP_NUM_THREADS or 2)",
     )
     args = parser.parse_args(argv)
+    args.attend_first = {"auto": None, "yes": True, "no": False}[args.attend_first]
     if args.ecrm_channels is None:
-        args.ecrm_channels = deepest_channels(args.backbone)
+        args.ecrm_channels = deepest_channels(args.backbone, args.memory_stride)
     args.normalization = normalization_for_backbone(args.backbone)
     if min(args.steps, args.size, args.batch_size, args.ckpt_every, args.log_every) < 1:
         parser.error("--steps, --size, --batch-size, --ckpt-every and --log-every must be >= 1")

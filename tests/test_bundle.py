@@ -56,7 +56,7 @@ def test_training_writes_best_model_and_resumable_checkpoints(trained_bundle):
     checkpoints = sorted(models.glob("checkpoint_*.pt"))
     assert checkpoints, "training checkpoints missing"
     state = torch.load(checkpoints[-1], weights_only=True)
-    assert {"network", "optimizer", "lr_scheduler", "trainer", "rng"} <= set(state)
+    assert {"network", "optimizer", "trainer", "rng"} <= set(state)
     assert (trained_bundle / "demo_data" / "README.txt").is_file(), "the synthetic demo set is generated and labelled"
 
 

@@ -164,12 +164,25 @@ def test_multi_gpu_config_disables_only_the_writing_handlers_on_other_ranks():
         kept = [h["_target_"].rsplit(".", 1)[-1] for h in handlers if h.get("_disabled_") != rank_gated]
         if section == "train":
             assert gated == ["MemoryBankHandler", "StatsHandler", "TensorBoardStatsHandler", "ProgressBarHandler"]
-            for needed in ("LrScheduleHandler", "AuxSupervisionHandler", "ValidationHandler", "MemoryRefreshHandler"):
+            for needed in (
+                "CosineScheduleHandler",
+                "AuxSupervisionHandler",
+                "ValidationHandler",
+                "BatchNormRefreshHandler",
+                "MemoryRefreshHandler",
+            ):
                 assert needed in kept, f"{needed} must run on every rank"
         else:
             assert gated == ["StatsHandler", "TensorBoardStatsHandler", "CheckpointSaver"]
-            assert kept == ["PreserveRandomState", "MemoryRefreshHandler", "AuxSupervisionHandler"]
+            assert kept == [
+                "PreserveRandomState",
+                "PreserveNetworkState",
+                "BatchNormRefreshHandler",
+                "MemoryRefreshHandler",
+                "AuxSupervisionHandler",
+            ]
     assert parser["train"]["checkpoint_saver"]["_disabled_"] == rank_gated
+    assert parser["train"]["checkpoint_pruner"]["_disabled_"] == rank_gated
     assert parser["train"]["checkpoint_loader"].get("_disabled_") != rank_gated, "resume loads on every rank"
     assert parser["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
     assert parser["dist_backend"] == "nccl"
@@ -210,7 +223,7 @@ def test_bundle_trains_with_torchrun_on_two_cpu_ranks_and_its_checkpoint_loads_i
     written = sorted(path.name for path in models.iterdir())
     assert written == ["checkpoint_epoch=1.pt", "checkpoint_final.pt", "model.pt"], "rank 0 writes, once"
     checkpoint = torch.load(models / "checkpoint_final.pt", weights_only=True, map_location="cpu")
-    assert {"network", "optimizer", "lr_scheduler", "trainer", "rng"} <= set(checkpoint)
+    assert {"network", "optimizer", "trainer", "rng"} <= set(checkpoint)
     for state in (checkpoint["network"], torch.load(models / "model.pt", weights_only=True, map_location="cpu")):
         assert not any(key.startswith("module.") for key in state)
         net = ECRMUNet(backbone="resnet10", bank_size=8)

@@ -173,11 +173,13 @@ def test_rgb_weights_serve_a_one_channel_encoder():
     load_encoder_weights(grey_encoder, source)
     load_encoder_weights(rgb_encoder, source)
 
-    grey = torch.rand(1, 1, 64, 64)
+    grey = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = rgb_encoder(grey.repeat(1, 3, 1, 1))
         actual = grey_encoder(grey)
-    assert torch.allclose(actual, expected, atol=1e-4), "a grey picture must look to the encoder like its RGB copy"
+    # activations reach the hundreds: float32 summation order alone moves them by ~1e-3, so compare relatively
+    scale = expected.abs().max()
+    assert (actual - expected).abs().max() <= 1e-5 * scale + 1e-5, "a grey picture must look to the encoder like its RGB copy"
 
 
 def test_refuses_pickled_modules(tmp_path):

@@ -4,26 +4,34 @@ metrics and the evaluation report."""
 from __future__ import annotations
 
 from .aux_supervision import AuxSupervisionHandler
+from .batchnorm_refresh import BatchNormRefreshHandler, refresh_batchnorm
 from .evaluation_report import EvaluationReport, render_overlay
 from .memory_bank import MemoryBankHandler
 from .memory_refresh import MemoryRefreshHandler, refresh_memory
 from .polyp_metric_handlers import EMeasure, PolypOverlap, SMeasure, WeightedFMeasure
 from .progress import ProgressBarHandler
 from .resume import PreserveRandomState, RandomState, latest_checkpoint
+from .training_state import CosineScheduleHandler, PreserveNetworkState, PruneCheckpoints, cosine_factor
 
 __all__ = [
     "AuxSupervisionHandler",
+    "BatchNormRefreshHandler",
+    "CosineScheduleHandler",
     "EMeasure",
     "EvaluationReport",
     "MemoryBankHandler",
     "MemoryRefreshHandler",
     "PolypOverlap",
+    "PreserveNetworkState",
     "PreserveRandomState",
+    "PruneCheckpoints",
     "ProgressBarHandler",
     "RandomState",
     "SMeasure",
     "WeightedFMeasure",
+    "cosine_factor",
     "latest_checkpoint",
+    "refresh_batchnorm",
     "refresh_memory",
     "render_overlay",
 ]

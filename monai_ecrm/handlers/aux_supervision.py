@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["AuxSupervisionHandler", "aux_to_label_size", "find_module", "loss_terms", "unwrap_network"]
+__all__ = ["AuxSupervisionHandler", "aux_to_label_size", "find_module", "has_memory", "loss_terms", "unwrap_network"]
 
 #: keys this handler adds to a trainer's ``engine.state.output``
 LOSS_MAIN, LOSS_AUX, AUX_WEIGHT = "loss_main", "loss_aux", "aux_weight"
@@ -42,6 +42,18 @@ def unwrap_network(network: nn.Module) -> nn.Module:
             network = network._orig_mod
         else:
             return network
+
+
+def has_memory(network: nn.Module, module_name: str = "ecrm") -> bool:
+    """Whether ``network`` has an ECRM module with a memory at ``module_name`` (``False`` for FlexibleUNet, or an
+    ECRMUNet built with ``use_ecrm=False``): the bundle's ECRM handlers then do nothing."""
+    from monai_ecrm.networks.blocks.memory_bank import MemoryBank
+
+    try:
+        module = unwrap_network(network).get_submodule(module_name)
+    except AttributeError:
+        return False
+    return isinstance(module, MemoryBank) or isinstance(getattr(module, "memory", None), MemoryBank)
 
 
 def find_module(network: nn.Module, module_name: str) -> nn.Module:
@@ -164,8 +176,9 @@ class AuxSupervisionHandler:
         output_transform: ``engine.state.output -> label`` batch tensor (the batch dict, before decollation); default
             reads ``label_key``.
         aux_index: position of the coarse logits in the ECRM module's output tuple.
-        aux_stride: ``"auto"`` reads the network's integer ``stride`` attribute (see above), an int gives it, ``None``
-            resizes the coarse logits straight to the label size.
+        aux_stride: ``"auto"`` reads the network's integer ``memory_stride`` attribute (the stride of ECRM's level),
+            else its ``stride`` (see above); an int gives it, ``None`` resizes the coarse logits straight to the label
+            size.
         include_background: as in ``MeanDice`` (evaluator).
         epoch_metrics: write the epoch means of the two loss terms to the trainer's ``engine.state.metrics``.
         name: logger name; ``None`` uses ``engine.logger``.
@@ -257,6 +270,11 @@ class AuxSupervisionHandler:
         # looked up when the run starts: MONAI workflows attach their handlers before they set `engine.network`
         if not isinstance(getattr(engine, "network", None), nn.Module):
             raise TypeError("AuxSupervisionHandler: the engine has no `network` module (use a MONAI engine).")
+        self._inactive = not has_memory(engine.network, self.module_name)
+        if self._inactive:
+            # a network without ECRM (FlexibleUNet, ECRMUNet(use_ecrm=False)): no coarse mask to supervise
+            engine.logger.debug(f"AuxSupervisionHandler: no ECRM module {self.module_name!r}; nothing to do.")
+            return
         module = find_module(engine.network, self.module_name)
         self._hook = module.register_forward_hook(self._capture)
 
@@ -305,7 +323,9 @@ class AuxSupervisionHandler:
 
     def _stride(self, engine: Engine) -> int | None:
         if self.aux_stride == "auto":
-            stride = getattr(unwrap_network(engine.network), "stride", None)
+            network = unwrap_network(engine.network)
+            # the stride of the level ECRM works on (ECRMUNet(memory_stride=16)), else the network's total stride
+            stride = getattr(network, "memory_stride", getattr(network, "stride", None))
             return stride if isinstance(stride, int) else None
         return self.aux_stride  # type: ignore[return-value]
 
@@ -317,6 +337,8 @@ class AuxSupervisionHandler:
             engine: the MONAI engine this handler is attached to.
         """
         captured = self._take()
+        if getattr(self, "_inactive", False):
+            return
         if self._is_trainer:
             self._supervise(engine, captured)
         else:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 from torch.utils.data import DataLoader
 
-from monai_ecrm.handlers.aux_supervision import find_module, unwrap_network
+from monai_ecrm.handlers.aux_supervision import find_module, has_memory, unwrap_network
 from monai_ecrm.handlers.memory_bank import find_memory_bank, memory_stats, resolve_event
 
 if TYPE_CHECKING:
@@ -31,18 +33,40 @@ class _StopAfterMemoryWrite(Exception):
     """Raised by the forward hook once ECRM has written its prototypes: the rest of the network is not needed."""
 
 
-def _batches(source: Iterable, image_key: str) -> Iterator[torch.Tensor]:
-    """Image batches from a DataLoader (batches) or from a dataset/sequence (single items, one per batch)."""
+def _batches(
+    source: Iterable, image_key: str, label_key: str | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(image, label or None)`` batches from a DataLoader (batches) or from a dataset/sequence (single items, one
+    per batch); the label only when ``label_key`` is given (dicts: that key; tuples: the second element)."""
     batched = isinstance(source, DataLoader)
     for item in source:
+        label = None
         if isinstance(item, Mapping):
             image = item[image_key]
+            if label_key is not None:
+                if label_key not in item:
+                    raise ValueError(
+                        f"refresh_memory: the memory is written from labels (ECRM prototypes='label') but an item "
+                        f"has no {label_key!r} (keys: {sorted(item)})."
+                    )
+                label = item[label_key]
         elif isinstance(item, (list, tuple)):
             image = item[0]
+            if label_key is not None:
+                if len(item) < 2:
+                    raise ValueError("refresh_memory: label prototypes need (image, label) items.")
+                label = item[1]
         else:
+            if label_key is not None:
+                raise ValueError("refresh_memory: label prototypes need dict or (image, label) items, got a tensor.")
             image = item
         image = torch.as_tensor(image)
-        yield image if batched else image.unsqueeze(0)
+        if label is not None:
+            label = torch.as_tensor(label)
+        if not batched:
+            image = image.unsqueeze(0)
+            label = None if label is None else label.unsqueeze(0)
+        yield image, label
 
 
 def refresh_memory(
@@ -53,6 +77,7 @@ def refresh_memory(
     image_key: str = "image",
     reset: bool = True,
     distributed: str = "auto",
+    label_key: str = "label",
 ) -> int:
     """Rebuild the ECRM memory from a set of images with the network's current weights.
 
@@ -62,9 +87,9 @@ def refresh_memory(
     :func:`~monai_ecrm.networks.blocks.class_prototypes`), but with every BatchNorm in eval mode, no gradient and no
     change to any weight or running statistic. It also fills the memory from a site's own cases before deployment.
 
-    Labels are not used: the prototypes are weighted by the model's coarse mask, as in training, so any
-    representative set of images works (a "labelled set" only in the sense that it is the set the memory should
-    represent, e.g. the training images); items may carry a label, it is ignored.
+    Labels: with DCRNet's coarse-mask prototypes (``ECRM(prototypes="coarse")``) they are not used, any
+    representative set of images works and a label in the items is ignored. With label prototypes
+    (``prototypes="label"``) every item must carry its label (``label_key``), as in training.
 
     Order: items are written in the order the loader yields them (use an unshuffled loader, or a dataset/list, for
     dataset order), batch by batch, in ring order. With more images than slots the last ``bank_size`` remain
@@ -85,6 +110,10 @@ def refresh_memory(
     - ``"auto"`` (default): ``"sharded"`` when ``loader_or_dataset`` is a loader whose sampler is a
       ``torch.utils.data.DistributedSampler`` (MONAI's included), else ``"replicated"``.
 
+    The global random generators (torch, numpy, random) are left as they were: iterating a ``DataLoader`` draws a
+    seed from torch's, which would otherwise shift the training run that follows (or a resume from a checkpoint
+    saved after the refresh).
+
     Only the encoder and ECRM run: the forward pass is stopped once ECRM has written (the decoder is skipped). The
     training/eval flags of all modules are restored afterwards.
 
@@ -97,6 +126,7 @@ def refresh_memory(
         image_key: key of the image in dict items.
         reset: empty the memory first (default); ``False`` appends to what is there.
         distributed: ``"auto"``, ``"replicated"`` or ``"sharded"`` (see above); ignored without several ranks.
+        label_key: key of the label in dict items (read only for label prototypes).
 
     Returns:
         The number of prototypes written (one per image, over all ranks when sharded; refused ones not counted); the
@@ -116,13 +146,8 @@ def refresh_memory(
         _check_equal_batch_counts(loader_or_dataset, bank.memory.device)
     rejected_before = int(bank.rejected)
     images = 0
-    if mode != "replicated" or torch.distributed.get_rank() == 0:
-        with bank.local_writes() if mode == "replicated" else nullcontext():
-            images = _write_memory(network, ecrm, bank, loader_or_dataset, device, image_key, reset)
-    if mode == "sharded":
-        total = torch.tensor([images], dtype=torch.long, device=bank.memory.device)
-        torch.distributed.all_reduce(total)
-        images = int(total.item())
+    with untouched_random_state():
+        images = _refresh(network, ecrm, bank, loader_or_dataset, device, image_key, reset, mode, label_key)
     written = torch.tensor([images - (int(bank.rejected) - rejected_before)], dtype=torch.long)
     if mode == "replicated":
         written = written.to(bank.memory.device)
@@ -130,6 +155,41 @@ def refresh_memory(
             torch.distributed.broadcast(buffer, src=0)
         torch.distributed.broadcast(written, src=0)
     return int(written.item())
+
+
+def _refresh(
+    network: nn.Module,
+    ecrm: nn.Module,
+    bank: Any,
+    loader_or_dataset: Iterable,
+    device: Any,
+    image_key: str,
+    reset: bool,
+    mode: str,
+    label_key: str,
+) -> int:
+    images = 0
+    if mode != "replicated" or torch.distributed.get_rank() == 0:
+        with bank.local_writes() if mode == "replicated" else nullcontext():
+            labels = label_key if getattr(ecrm, "label_prototypes", False) else None
+            images = _write_memory(network, ecrm, bank, loader_or_dataset, device, image_key, reset, labels)
+    if mode == "sharded":
+        total = torch.tensor([images], dtype=torch.long, device=bank.memory.device)
+        torch.distributed.all_reduce(total)
+        images = int(total.item())
+    return images
+
+
+@contextmanager
+def untouched_random_state() -> Iterator[None]:
+    """Run a block without changing torch's, numpy's and Python's global random state."""
+    torch_state, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 def _distributed_mode(source: Iterable, distributed: str) -> str:
@@ -161,7 +221,14 @@ def _check_equal_batch_counts(source: Iterable, device: torch.device) -> None:
 
 
 def _write_memory(
-    network: nn.Module, ecrm: nn.Module, bank: Any, source: Iterable, device: Any, image_key: str, reset: bool
+    network: nn.Module,
+    ecrm: nn.Module,
+    bank: Any,
+    source: Iterable,
+    device: Any,
+    image_key: str,
+    reset: bool,
+    label_key: str | None = None,
 ) -> int:
     """Run the encoder and ECRM over ``source`` with the memory writes on; the number of images seen."""
     modes = {module: module.training for module in network.modules()}
@@ -179,10 +246,13 @@ def _write_memory(
         ecrm.training = True
         bank.training = True
         with torch.no_grad():
-            for image in _batches(source, image_key):
+            for image, label in _batches(source, image_key, label_key):
                 images += image.shape[0]
                 try:
-                    network(image.to(device))
+                    if label is None:
+                        network(image.to(device))
+                    else:
+                        network(image.to(device), labels=label.to(device))
                 except _StopAfterMemoryWrite:
                     pass
     finally:
@@ -208,6 +278,7 @@ class MemoryRefreshHandler:
         event: an ignite event or its name.
         module_name: dotted path of the ECRM module.
         image_key: key of the image in the items.
+        label_key: key of the label in the items (read only when ECRM writes label prototypes).
         reset: empty the memory first.
         distributed: ``"auto"``, ``"replicated"`` or ``"sharded"``: what the ranks' loaders hold under
             ``torch.distributed`` (see :func:`refresh_memory`; the handler must run on every rank).
@@ -223,6 +294,7 @@ class MemoryRefreshHandler:
         reset: bool = True,
         distributed: str = "auto",
         name: str | None = None,
+        label_key: str = "label",
     ) -> None:
         if distributed not in REFRESH_MODES:
             raise ValueError(f"MemoryRefreshHandler: distributed must be one of {REFRESH_MODES}, got {distributed!r}.")
@@ -230,6 +302,7 @@ class MemoryRefreshHandler:
         self.event = resolve_event(event)
         self.module_name = module_name
         self.image_key = image_key
+        self.label_key = label_key
         self.reset = reset
         self.distributed = distributed
         self._name = name
@@ -251,6 +324,9 @@ class MemoryRefreshHandler:
         Args:
             engine: the engine this handler is attached to.
         """
+        if not has_memory(engine.network, self.module_name):
+            engine.state.ecrm_refreshed = 0
+            return  # a network without ECRM (FlexibleUNet, ECRMUNet(use_ecrm=False)): nothing to refresh
         device = getattr(engine.state, "device", None)
         written = refresh_memory(
             engine.network,
@@ -258,6 +334,7 @@ class MemoryRefreshHandler:
             device=device,
             module_name=self.module_name,
             image_key=self.image_key,
+            label_key=self.label_key,
             reset=self.reset,
             distributed=self.distributed,
         )

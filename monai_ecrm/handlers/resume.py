@@ -234,8 +234,11 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "*.pt", key: s
 
     Every file matching ``pattern`` is opened with ``torch.load(weights_only=True, mmap=True)`` (tensors are not
     read); files without a ``key`` entry holding an ignite engine state (e.g. a flat ``model.pt``) and unreadable
-    files (a checkpoint cut short by a kill while saving) are skipped. The largest trainer iteration wins, the newer
-    file on ties. Usable as the bundle's resume path:
+    files (a checkpoint cut short by a kill while saving) are skipped. The largest trainer iteration wins. On a tie,
+    a file whose name does not contain ``final`` wins over one that does: ``CheckpointSaver`` writes the last epoch's
+    checkpoint before the end-of-training refreshes (BatchNorm statistics, ECRM memory) and ``checkpoint_final.pt``
+    after them, so resuming from the epoch file continues exactly the state training had (a resumed run then ends
+    like an uninterrupted one), while the final file serves deployment. Otherwise the newer file wins. Usable as the bundle's resume path:
     ``"load_path": "$monai_ecrm.handlers.resume.latest_checkpoint(@ckpt_dir)"``.
 
     Args:
@@ -246,12 +249,12 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "*.pt", key: s
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         return None
-    best: tuple[int, float, str] | None = None
+    best: tuple[int, bool, float, str] | None = None
     for path in sorted(path for path in folder.glob(pattern) if path.is_file()):
         iteration = _iteration_of(path, key)
         if iteration is None:
             continue
-        candidate = (iteration, path.stat().st_mtime, str(path))
+        candidate = (iteration, "final" not in path.name, path.stat().st_mtime, str(path))
         if best is None or candidate > best:
             best = candidate
-    return None if best is None else best[2]
+    return None if best is None else best[3]

