@@ -1,7 +1,9 @@
 """Helpers the ``polyp_ecrm`` bundle configs call by name, and the ``monai-ecrm-bundle`` command.
 
 The configs stay declarative: anything longer than one line lives here (datalists for every ``dataset_dir`` form,
-the synthetic demo set, where the installed bundle is).
+the synthetic demo set, where the installed bundle is). Every validation split is made by case
+(:func:`monai_ecrm.data.split_by_case`): the frames of a multi-frame file, and items sharing a ``"case"`` key, stay on
+one side; without ``"case"`` keys the split is per file.
 """
 
 from __future__ import annotations
@@ -10,15 +12,23 @@ import argparse
 import json
 import logging
 import os
-import random
 import shutil
 import sys
 import sysconfig
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_ecrm.data import folder_datalist, load_datalist, make_demo_dataset
+from monai_ecrm.data import (
+    PRANET_VAL_SEED,
+    folder_datalist,
+    item_case,
+    load_datalist,
+    make_demo_dataset,
+    pranet_datalist,
+    split_by_case,
+)
 
 __all__ = [
     "BUNDLE_NAME",
@@ -26,6 +36,7 @@ __all__ = [
     "training_datalist",
     "evaluation_datalist",
     "inference_datalist",
+    "write_pranet_datalist",
     "attach_handlers",
     "main",
 ]
@@ -51,11 +62,31 @@ def bundle_path() -> Path:
     )
 
 
-def _datalist_keys(path: Path) -> list[str]:
-    """The top-level keys of a datalist JSON (so that a missing list is told apart from a broken one)."""
+def _read_json(path: Path) -> dict[str, Any]:
     with open(path) as stream:
         content = json.load(stream)
-    return list(content) if isinstance(content, dict) else []
+    return content if isinstance(content, dict) else {}
+
+
+def _datalist_keys(path: Path) -> list[str]:
+    """The top-level keys of a datalist JSON (so that a missing list is told apart from a broken one)."""
+    return list(_read_json(path))
+
+
+def _has_labelled_test(path: Path) -> bool:
+    """Whether a datalist JSON has a ``"test"`` list that can be scored: items with a ``"label"`` each."""
+    test = _read_json(path).get("test")
+    return isinstance(test, list) and bool(test) and all(isinstance(item, dict) and "label" in item for item in test)
+
+
+def _warn_shared_cases(training: list[dict[str, Any]], validation: list[dict[str, Any]], source: Path) -> None:
+    shared = {item_case(item) for item in training} & {item_case(item) for item in validation}
+    if shared:
+        named = ", ".join(sorted(shared)[:5]) + (", ..." if len(shared) > 5 else "")
+        logger.warning(
+            f"{source}: {len(shared)} case(s) in both the training and the validation list ({named}): validation "
+            "scores of these cases are scores on training data"
+        )
 
 
 def _is_demo(dataset_dir: str | os.PathLike, demo_dir: str | os.PathLike | None) -> bool:
@@ -80,35 +111,33 @@ def training_datalist(
 
     - the bundle's ``demo_dir``: the SYNTHETIC demo set, generated there when absent;
     - a folder with ``images/`` and ``masks/`` (Kvasir-SEG layout): all pairs, split at random (fixed ``seed``)
-      into ``1 - val_fraction`` training and ``val_fraction`` validation pairs;
-    - a MONAI datalist JSON: its ``"training"`` list, and its ``"validation"`` list when it has one (otherwise a
-      random split of ``"training"`` as for a folder).
+      into ``1 - val_fraction`` training and ``val_fraction`` validation files; every frame of a multi-frame file
+      lands on the same side;
+    - a MONAI datalist JSON: its ``"training"`` list, and its ``"validation"`` list when it has one (a warning
+      names any case found in both); otherwise a random split of ``"training"`` by case: items with the same
+      ``"case"`` value (the frames of one video, say) stay together, and items without one are split per file.
 
     Args:
         dataset_dir: folder or datalist JSON.
         demo_dir: the bundle's demo folder (generated only when ``dataset_dir`` is this folder).
-        val_fraction: share of the pairs held out for validation when the source has no validation list.
-        seed: seed of that split.
+        val_fraction: share of the cases (files, or ``"case"`` values) held out for validation when the source has
+            no validation list.
+        seed: seed of that split (:func:`monai_ecrm.data.split_by_case`).
         demo_images: number of synthetic pairs of the demo set.
         demo_size: side of the synthetic pictures.
         on_error: ``"raise"`` (every bad file in one error) or ``"skip"`` (report and leave them out).
     """
     _prepare(dataset_dir, demo_dir, demo_images, demo_size)
     source = Path(dataset_dir).expanduser()
-    validation: list[dict[str, Any]] | None = None
     if source.is_file():
         training = load_datalist(source, data_list_key="training", on_error=on_error)
         if "validation" in _datalist_keys(source):
             validation = load_datalist(source, data_list_key="validation", on_error=on_error)
+            _warn_shared_cases(training, validation, source)
+            return {"training": training, "validation": validation}
     else:
         training = folder_datalist(source, require_masks=True, on_error=on_error)
-    if validation is None:
-        order = list(range(len(training)))
-        random.Random(seed).shuffle(order)
-        num_val = max(1, round(len(training) * val_fraction)) if len(training) > 1 and val_fraction > 0 else 0
-        held_out = set(order[:num_val])
-        validation = [item for i, item in enumerate(training) if i in held_out]
-        training = [item for i, item in enumerate(training) if i not in held_out]
+    training, validation = split_by_case(training, val_fraction, seed)
     return {"training": training, "validation": validation}
 
 
@@ -119,17 +148,54 @@ def evaluation_datalist(
     val_fraction: float = 0.2,
     seed: int = 0,
     on_error: str = "raise",
+    eval_list: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The pairs ``evaluate.json`` scores: every pair of ``eval_dataset_dir`` (a test folder or a datalist JSON's
-    ``"validation"`` list) when given, else the validation split of the training ``dataset_dir``."""
-    if eval_dataset_dir:
-        source = Path(eval_dataset_dir).expanduser()
-        if source.is_file():
-            return load_datalist(source, data_list_key="validation", on_error=on_error)
-        return folder_datalist(source, require_masks=True, on_error=on_error)
-    return training_datalist(dataset_dir, demo_dir=demo_dir, val_fraction=val_fraction, seed=seed, on_error=on_error)[
-        "validation"
-    ]
+    """The pairs ``evaluate.json`` scores, each named by its ``"dataset"`` key (the report's per-dataset rows).
+
+    The source is ``eval_dataset_dir`` when given, else the training ``dataset_dir``:
+
+    - a datalist JSON with a ``"test"`` list of labelled items: that list, each item keeping the test set its
+      ``"dataset"`` names (``"test"`` when it names none), so each test set is scored apart;
+    - a datalist JSON without one: its ``"validation"`` list (for the training ``dataset_dir``, the validation split
+      :func:`training_datalist` makes when there is none), named ``"validation"``;
+    - a folder given as ``eval_dataset_dir``: every pair, named after the folder;
+    - the training folder: its validation split, named ``"validation"``; the bundle's demo folder is named
+      ``"demo"`` and logged as the SYNTHETIC demo set.
+
+    Args:
+        dataset_dir: the training folder or datalist JSON.
+        eval_dataset_dir: a test folder or datalist JSON.
+        demo_dir: the bundle's demo folder.
+        val_fraction: see :func:`training_datalist`.
+        seed: see :func:`training_datalist`.
+        on_error: see :func:`training_datalist`.
+        eval_list: ``None`` (``"test"`` when the JSON has a labelled one, else ``"validation"``), ``"test"`` or
+            ``"validation"``: the list of a datalist JSON to score.
+    """
+    if eval_list not in (None, "test", "validation"):
+        raise ValueError(f"eval_list must be None, 'test' or 'validation', got {eval_list!r}")
+    source = Path(eval_dataset_dir or dataset_dir).expanduser()
+    if source.is_file() and eval_list != "validation" and _has_labelled_test(source):
+        items = load_datalist(source, data_list_key="test", on_error=on_error)
+        return [{**item, "dataset": str(item.get("dataset", "test"))} for item in items]
+    if eval_list == "test":
+        raise ValueError(f"{source}: eval_list='test' needs a datalist JSON with a 'test' list of labelled items")
+    if eval_dataset_dir and source.is_file():
+        items, name = load_datalist(source, data_list_key="validation", on_error=on_error), "validation"
+    elif eval_dataset_dir:
+        items, name = folder_datalist(source, require_masks=True, on_error=on_error), source.resolve().name
+    else:
+        split = training_datalist(
+            dataset_dir, demo_dir=demo_dir, val_fraction=val_fraction, seed=seed, on_error=on_error
+        )
+        items, name = split["validation"], "validation"
+        if _is_demo(dataset_dir, demo_dir):
+            name = "demo"
+            logger.warning(
+                f"evaluating on the SYNTHETIC demo set in {dataset_dir} (drawn blobs, not polyps): its scores only "
+                "show that the pipeline runs; pass --dataset_dir or --eval_dataset_dir to score real data"
+            )
+    return [{**item, "dataset": str(item.get("dataset", name))} for item in items]
 
 
 def inference_datalist(
@@ -167,15 +233,41 @@ def attach_handlers(engine: Any, *handlers: Any) -> Any:
     return engine
 
 
+def write_pranet_datalist(
+    data_root: str | os.PathLike, out: str | os.PathLike, val_fraction: float = 0.1, seed: int = PRANET_VAL_SEED
+) -> dict[str, Any]:
+    """Writes :func:`monai_ecrm.data.pranet_datalist` to ``out`` as a datalist JSON (absolute paths) for
+    ``--dataset_dir``: ``train.json`` trains on ``"training"`` and selects on ``"validation"``, ``evaluate.json``
+    scores each test set of ``"test"``. Returns the datalist."""
+    datalist = pranet_datalist(data_root, val_fraction=val_fraction, seed=seed)
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(datalist, indent=1) + "\n")
+    return datalist
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``monai-ecrm-bundle path`` prints where the installed bundle is; ``monai-ecrm-bundle copy DEST`` copies it
-    out (for example to train with its own ``models/`` folder)."""
+    out (for example to train with its own ``models/`` folder); ``monai-ecrm-bundle pranet-datalist --data DIR
+    --out FILE`` writes the PraNet split (training, a fixed validation split, named test sets) as a datalist JSON."""
     parser = argparse.ArgumentParser(prog="monai-ecrm-bundle", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("path", help="print the folder of the installed polyp_ecrm bundle")
     copy = sub.add_parser("copy", help="copy the bundle to DEST (which must not exist)")
     copy.add_argument("dest", help="destination folder")
+    pranet = sub.add_parser("pranet-datalist", help="write the PraNet split as one datalist JSON")
+    pranet.add_argument("--data", required=True, help="folder holding kvasir_seg/, cvc_clinicdb/ and pranet_split/")
+    pranet.add_argument("--out", required=True, help="the datalist JSON to write")
+    pranet.add_argument("--val-fraction", type=float, default=0.1, help="share of training cases held out (0.1)")
+    pranet.add_argument("--seed", type=int, default=PRANET_VAL_SEED, help="seed of the held-out draw (keep it fixed)")
     args = parser.parse_args(argv)
+    if args.command == "pranet-datalist":
+        datalist = write_pranet_datalist(args.data, args.out, val_fraction=args.val_fraction, seed=args.seed)
+        tests = Counter(item["dataset"] for item in datalist["test"])
+        sizes = [f"{name} {len(datalist[name])}" for name in ("training", "validation")]
+        sizes += [f"test {name} {count}" for name, count in tests.items()]
+        print(f"{args.out}: {', '.join(sizes)}")
+        return 0
     source = bundle_path()
     if args.command == "path":
         print(source)

@@ -107,3 +107,19 @@ def dicom_dataset(
 def write_dicom(path: Path, ds) -> Path:
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_clip_dataset(root: Path, frames: int, stills: int) -> Path:
+    """``root/images`` and ``root/masks`` holding one multi-page TIFF pair ``clip.tif`` (``frames`` pages, written
+    with tifffile) and ``stills`` single-frame PNG pairs ``still<k>.png``."""
+    import tifffile
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    clip = np.stack([marker_picture() // (index + 1) for index in range(frames)])
+    tifffile.imwrite(root / "images" / "clip.tif", clip, photometric="rgb")
+    tifffile.imwrite(root / "masks" / "clip.tif", np.stack([marker_picture(rgb=False)] * frames))
+    for index in range(stills):
+        write_png(root / "images" / f"still{index}.png", marker_picture())
+        write_png(root / "masks" / f"still{index}.png", marker_picture(rgb=False))
+    return root

@@ -4,12 +4,17 @@ evaluation presets and the backbone normalisation."""
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
+from conftest_data import DATA_DIR, real_data, write_clip_dataset
+from monai.bundle import ConfigParser
 from monai.data import decollate_batch, list_data_collate
 
-from monai_ecrm.bundle import evaluation_datalist, inference_datalist, training_datalist
+from monai_ecrm.bundle import evaluation_datalist, inference_datalist, main, training_datalist
 from monai_ecrm.data import make_demo_dataset
 from monai_ecrm.transforms import (
     full_size_eval_postprocessing,
@@ -87,3 +92,108 @@ def test_a_broken_validation_list_is_an_error_not_a_silent_random_split(demo, tm
     path.write_text(json.dumps({"training": pairs[:7], "validation": [{"image": str(tmp_path / "gone.png")}]}))
     with pytest.raises(ValueError, match="gone.png"):
         training_datalist(path)
+
+
+def _json(path: Path, content: dict) -> Path:
+    path.write_text(json.dumps(content))
+    return path
+
+
+def test_folder_split_keeps_every_frame_of_a_multipage_tiff_on_one_side(tmp_path):
+    root = write_clip_dataset(tmp_path / "set", frames=10, stills=9)
+    clip_held_out = []
+    for seed in range(20):
+        split = training_datalist(root, val_fraction=0.2, seed=seed)
+        sides = {side for side, items in split.items() for item in items if item["image"].endswith("clip.tif")}
+        assert len(sides) == 1, f"seed {seed}: frames of one video in training and in validation"
+        assert len({item["image"] for item in split["validation"]}) == 2, "0.2 of the 10 files held out"
+        assert split == training_datalist(root, val_fraction=0.2, seed=seed), "the split must not change between runs"
+        clip_held_out.append(sides == {"validation"})
+    assert any(clip_held_out), "the clip can be held out like any other file"
+
+
+def test_datalist_json_case_key_keeps_a_video_on_one_side(demo, tmp_path):
+    pairs = training_datalist(demo, val_fraction=0.0)["training"]
+    videos = [{**pair, "case": f"video{index % 4}"} for index, pair in enumerate(pairs)]
+    path = _json(tmp_path / "datalist.json", {"training": videos})
+    for seed in range(8):
+        split = training_datalist(path, val_fraction=0.25, seed=seed)
+        train_cases = {item["case"] for item in split["training"]}
+        val_cases = {item["case"] for item in split["validation"]}
+        assert len(val_cases) == 1 and not train_cases & val_cases, f"seed {seed}: a video on both sides"
+        assert len(split["training"]) + len(split["validation"]) == len(pairs)
+
+
+def test_a_validation_list_sharing_cases_with_training_is_reported(demo, tmp_path, caplog):
+    pairs = training_datalist(demo, val_fraction=0.0)["training"]
+    path = _json(tmp_path / "datalist.json", {"training": pairs[:7], "validation": pairs[6:]})
+    with caplog.at_level(logging.WARNING, logger="monai_ecrm.bundle"):
+        split = training_datalist(path)
+    assert len(split["validation"]) == 4, "a given validation list is used as it is"
+    assert "1 case(s) in both the training and the validation list" in caplog.text
+
+
+def test_evaluation_scores_each_named_test_set_else_the_validation_list(demo, tmp_path):
+    pairs = training_datalist(demo, val_fraction=0.0)["training"]
+    test = [{**pair, "dataset": "kvasir"} for pair in pairs[6:8]] + [
+        {**pair, "dataset": "clinicdb"} for pair in pairs[8:]
+    ]
+    path = _json(tmp_path / "datalist.json", {"training": pairs[:5], "validation": pairs[5:6], "test": test})
+    assert Counter(item["dataset"] for item in evaluation_datalist(path)) == {"kvasir": 2, "clinicdb": 2}
+    assert Counter(item["dataset"] for item in evaluation_datalist(demo, eval_dataset_dir=path)) == {
+        "kvasir": 2,
+        "clinicdb": 2,
+    }
+    validation = evaluation_datalist(path, eval_list="validation")
+    assert [(item["image"], item["dataset"]) for item in validation] == [(pairs[5]["image"], "validation")]
+    unlabelled = _json(
+        tmp_path / "decathlon.json", {"training": pairs[:5], "validation": pairs[5:6], "test": ["x.png"]}
+    )
+    assert [item["image"] for item in evaluation_datalist(unlabelled)] == [pairs[5]["image"]], "no masks to score"
+    with pytest.raises(ValueError, match="'test' list of labelled items"):
+        evaluation_datalist(unlabelled, eval_list="test")
+    assert {item["dataset"] for item in evaluation_datalist(path, eval_dataset_dir=demo)} == {demo.name}
+
+
+def _evaluate_config(bundle_root: Path, **overrides) -> ConfigParser:
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "polyp_ecrm" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "evaluate.json")])
+    parser["bundle_root"] = str(bundle_root)
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def test_evaluate_json_scores_the_test_sets_and_names_the_demo_set(demo, tmp_path, caplog):
+    pairs = training_datalist(demo, val_fraction=0.0)["training"]
+    test = [{**pair, "dataset": "kvasir" if index < 3 else "clinicdb"} for index, pair in enumerate(pairs[5:])]
+    path = _json(tmp_path / "datalist.json", {"training": pairs[:4], "validation": pairs[4:5], "test": test})
+    items = _evaluate_config(tmp_path / "bundle", dataset_dir=str(path)).get_parsed_content("eval_datalist")
+    assert Counter(item["dataset"] for item in items) == {"kvasir": 3, "clinicdb": 2}, "each test set scored by name"
+    items = _evaluate_config(tmp_path / "bundle", dataset_dir=str(path), eval_list="validation").get_parsed_content(
+        "eval_datalist"
+    )
+    assert [item["image"] for item in items] == [pairs[4]["image"]]
+    with caplog.at_level(logging.WARNING, logger="monai_ecrm.bundle"):
+        items = _evaluate_config(tmp_path / "bundle").get_parsed_content("eval_datalist")
+    assert items and {item["dataset"] for item in items} == {"demo"}, "the synthetic set is never reported as data"
+    assert "SYNTHETIC demo set" in caplog.text
+
+
+def test_pranet_datalist_command_writes_one_fixed_split_with_the_test_sets(tmp_path, capsys):
+    for name in ("kvasir_seg", "cvc_clinicdb", "pranet_split"):
+        real_data(name)
+    out = tmp_path / "pranet.json"
+    assert main(["pranet-datalist", "--data", str(DATA_DIR), "--out", str(out)]) == 0
+    assert "training 1305, validation 145" in capsys.readouterr().out
+    datalist = json.loads(out.read_text())
+    training, validation = datalist["training"], datalist["validation"]
+    assert (len(training), len(validation)) == (1305, 145), "the 1450 PraNet training pairs, 10 % held out"
+    assert not {item["image"] for item in training} & {item["image"] for item in validation}, "disjoint cases"
+    assert Counter(item["dataset"] for item in datalist["test"]) == {"kvasir": 100, "clinicdb": 62}
+    selected_on = {item["image"] for item in training_datalist(out)["validation"]}
+    assert selected_on == {item["image"] for item in validation}, "train.json selects on the stored validation split"
+    assert not selected_on & {item["image"] for item in datalist["test"]}, "the test sets play no part in selection"
+    scored = Counter(item["dataset"] for item in evaluation_datalist(out))
+    assert scored == {"kvasir": 100, "clinicdb": 62}, "evaluate.json scores each test set, never the validation split"

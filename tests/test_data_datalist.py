@@ -8,9 +8,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest_data import dicom_dataset, marker_picture, real_data, write_dicom, write_png
+from conftest_data import (
+    DATA_DIR,
+    dicom_dataset,
+    marker_picture,
+    real_data,
+    write_clip_dataset,
+    write_dicom,
+    write_png,
+)
 
-from monai_ecrm.data import DataError, folder_datalist, load_datalist, read_picture, split_datalist
+from monai_ecrm.data import (
+    PRANET_VAL_SEED,
+    DataError,
+    folder_datalist,
+    load_datalist,
+    pranet_datalist,
+    read_picture,
+    split_by_case,
+    split_datalist,
+)
 from monai_ecrm.transforms import LoadPolypImage, LoadPolypImaged
 
 
@@ -68,6 +85,38 @@ def test_multiframe_dicom_lists_one_item_per_frame(tmp_path):
     assert torch.equal(loaded[0], torch.from_numpy(frames[2] / 255.0).float()), "frame 2 loads frame 2"
 
 
+def test_frames_of_a_multipage_tiff_never_straddle_the_split(tmp_path):
+    items = folder_datalist(write_clip_dataset(tmp_path / "set", frames=10, stills=9))
+    clip = [item for item in items if item["image"].endswith("clip.tif")]
+    assert [item["frame"] for item in clip] == list(range(10)), "the TIFF is listed frame by frame"
+    clip_held_out = []
+    for seed in range(20):
+        training, validation = split_by_case(items, val_fraction=0.2, seed=seed)
+        val_clip = [item for item in validation if item["image"].endswith("clip.tif")]
+        assert len(val_clip) in (0, 10), f"seed {seed}: frames {[i['frame'] for i in val_clip]} of one clip held out"
+        assert len({item["image"] for item in validation}) == 2, "0.2 of the 10 files (cases), not of the 19 frames"
+        assert sorted(map(str, training + validation)) == sorted(map(str, items)), "every item on exactly one side"
+        clip_held_out.append(bool(val_clip))
+    assert any(clip_held_out) and not all(clip_held_out), "the clip is drawn like any other file"
+
+
+def test_items_sharing_a_case_key_land_on_the_same_side():
+    items = [{"image": f"/videos/frame{index:03d}.png", "case": f"video{index % 12}"} for index in range(60)]
+    items += [{"image": f"/stills/{index}.png"} for index in range(8)]  # no case key: one case per file
+    splits = {seed: split_by_case(items, val_fraction=0.25, seed=seed) for seed in range(10)}
+    for seed, (training, validation) in splits.items():
+        train_cases = {item.get("case", item["image"]) for item in training}
+        val_cases = {item.get("case", item["image"]) for item in validation}
+        assert not train_cases & val_cases, f"seed {seed}: a video on both sides of the split"
+        assert len(val_cases) == 5, "round(0.25 * 20 cases) held out, whatever the cases' sizes"
+        assert len(training) + len(validation) == len(items)
+    assert split_by_case(items, 0.25, seed=3) == splits[3], "the split is a function of the datalist and the seed"
+    assert len({str(validation) for _, validation in splits.values()}) > 1, "the seed changes the split"
+    assert split_by_case(items, 0.0, seed=0) == (items, [])
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_by_case(items, 1.0)
+
+
 def test_split_datalist_follows_id_lists_and_reports_missing_ids(tmp_path):
     first = _dataset(tmp_path / "first", ["1.png", "2.png", "3.png"], ["1.png", "2.png", "3.png"])
     second = _dataset(tmp_path / "second", ["a.png"], ["a.png"])
@@ -121,6 +170,19 @@ def test_pranet_split_builds_with_the_published_sizes(pranet_split):
     train = {item["image"] for item in pranet_split["train"]}
     test = {item["image"] for item in pranet_split["test_kvasir"] + pranet_split["test_clinicdb"]}
     assert not train & test, "no test image may leak into training"
+
+
+def test_pranet_datalist_holds_out_a_fixed_validation_split_and_names_the_test_sets(pranet_split):
+    datalist = pranet_datalist(DATA_DIR, verify="none")
+    training, validation = datalist["training"], datalist["validation"]
+    assert (len(training), len(validation)) == (1305, 145), "10 % of the 1450 training pairs held out"
+    assert not {item["image"] for item in training} & {item["image"] for item in validation}
+    assert (training, validation) == split_by_case(pranet_split["train"], 0.1, PRANET_VAL_SEED), "a fixed split"
+    test = {name: [item for item in datalist["test"] if item["dataset"] == name] for name in ("kvasir", "clinicdb")}
+    assert len(datalist["test"]) == 162 and [len(items) for items in test.values()] == [100, 62]
+    assert [{k: v for k, v in item.items() if k != "dataset"} for item in test["kvasir"]] == pranet_split["test_kvasir"]
+    held_out = {item["image"] for item in validation}
+    assert not held_out & {item["image"] for item in datalist["test"]}, "validation comes from the training lists"
 
 
 @pytest.mark.slow

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from monai_ecrm.data.datalist import folder_datalist, load_datalist, split_datalist, validate_datalist
+from monai_ecrm.data.datalist import (
+    PRANET_SETS,
+    PRANET_VAL_SEED,
+    folder_datalist,
+    item_case,
+    load_datalist,
+    pranet_datalist,
+    split_by_case,
+    split_datalist,
+    validate_datalist,
+)
 from monai_ecrm.data.demo import make_demo_dataset
 from monai_ecrm.data.errors import DataError
 from monai_ecrm.data.image_io import (
@@ -21,18 +31,23 @@ from monai_ecrm.data.image_reader import PolypImageReader
 __all__ = [
     "DICOM_ID_KEYWORDS",
     "DataError",
+    "PRANET_SETS",
+    "PRANET_VAL_SEED",
     "PictureInfo",
     "PolypImageReader",
     "SUPPORTED_SUFFIXES",
     "file_stem",
     "folder_datalist",
     "frame_filename",
+    "item_case",
     "load_datalist",
     "make_demo_dataset",
     "picture_format",
     "picture_meta",
+    "pranet_datalist",
     "probe_picture",
     "read_picture",
+    "split_by_case",
     "split_datalist",
     "validate_datalist",
 ]

@@ -8,6 +8,10 @@ own with a ``"frame"`` index. Images and masks are matched by file stem across e
 Every builder checks the files it lists (``verify``) and reports every problem at once: one
 :class:`~monai_ecrm.data.DataError` naming each bad file and what is wrong (``on_error="raise"``), or a warning with
 the same report and a list of the good items (``on_error="skip"``).
+
+Splits are made by case (:func:`split_by_case`), never by item: the frames of one file, and the items that share a
+``"case"`` key (for example the frames of one colonoscopy video stored as separate files), all land on the same
+side. Without a ``"case"`` key the case is the source file.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,12 +30,26 @@ from monai.data import load_decathlon_datalist
 from monai_ecrm.data.errors import DataError, format_problems
 from monai_ecrm.data.image_io import file_stem, picture_format, probe_picture, read_picture
 
-__all__ = ["folder_datalist", "load_datalist", "split_datalist", "validate_datalist"]
+__all__ = [
+    "PRANET_SETS",
+    "PRANET_VAL_SEED",
+    "folder_datalist",
+    "item_case",
+    "load_datalist",
+    "pranet_datalist",
+    "split_by_case",
+    "split_datalist",
+    "validate_datalist",
+]
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 VERIFY_LEVELS = ("none", "header", "full")
+#: the two datasets of the PraNet split: name (the test items' ``"dataset"``) -> folder under the data root
+PRANET_SETS = {"kvasir": "kvasir_seg", "clinicdb": "cvc_clinicdb"}
+#: seed of the PraNet split's held-out validation cases: one split for every run, model and training seed
+PRANET_VAL_SEED = 20240611
 
 
 def _check_options(verify: str, on_error: str) -> None:
@@ -229,7 +248,9 @@ def folder_datalist(
         frame_key: item key of the frame index of multi-frame files.
 
     Returns:
-        Items ``{"image": path, "label": path}`` (``"label"`` left out without masks), sorted by stem.
+        Items ``{"image": path, "label": path}`` (``"label"`` left out without masks), sorted by stem; a multi-frame
+        file gives one item per frame, and :func:`split_by_case` keeps those frames together (a folder has no
+        ``"case"`` keys, so a split of it is per file).
 
     Raises:
         DataError: every unmatched, unlisted or unreadable file (``on_error="raise"``), or no picture at all.
@@ -376,3 +397,113 @@ def load_datalist(
         raise DataError([(str(source), str(error))]) from None
     keys = (folder_kwargs.get("image_key", "image"), folder_kwargs.get("label_key", "label"))
     return validate_datalist(datalist, keys=keys, verify=verify, on_error=on_error, source=source)
+
+
+def item_case(item: dict[str, Any], case_key: str = "case", image_key: str = "image") -> str:
+    """The case an item belongs to: its ``case_key`` value when it has one, else its source file.
+
+    A case is what a split keeps whole: every frame of a multi-frame file (same ``image``), or every item a datalist
+    gives the same ``"case"`` (the frames of one video stored as separate files, the pictures of one patient).
+    """
+    if case_key in item:
+        return f"case:{item[case_key]}"
+    return f"file:{item[image_key]}"
+
+
+def split_by_case(
+    datalist: Sequence[dict[str, Any]],
+    val_fraction: float,
+    seed: int = 0,
+    case_key: str = "case",
+    image_key: str = "image",
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A random training/validation split that never puts one case on both sides.
+
+    Cases (:func:`item_case`: the ``case_key`` value, else the source file, so the frames of a multi-frame file
+    stay together) are taken in order of first appearance, shuffled with ``random.Random(seed)``, and
+    ``round(val_fraction * number of cases)`` of them (at least one, when there are two cases or more and
+    ``val_fraction > 0``) are held out. The held-out share is ``val_fraction`` of the cases, not of the items. The
+    split depends only on the datalist and ``seed``; for a datalist of single-frame items without ``case_key`` it is
+    the per-item split the bundle made before cases existed.
+
+    Args:
+        datalist: the items to split.
+        val_fraction: share of the cases held out, in ``[0, 1)``.
+        seed: seed of the draw.
+        case_key: item key naming an item's case.
+        image_key: item key of the source file, the case of items without ``case_key``.
+
+    Returns:
+        ``(training, validation)``, each in the datalist's order.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    cases = [item_case(item, case_key, image_key) for item in datalist]
+    names = list(dict.fromkeys(cases))
+    order = list(range(len(names)))
+    random.Random(seed).shuffle(order)
+    num_val = max(1, round(len(names) * val_fraction)) if len(names) > 1 and val_fraction > 0 else 0
+    held_out = {names[index] for index in order[:num_val]}
+    training = [item for item, case in zip(datalist, cases) if case not in held_out]
+    validation = [item for item, case in zip(datalist, cases) if case in held_out]
+    return training, validation
+
+
+def pranet_datalist(
+    data_root: PathLike,
+    val_fraction: float = 0.1,
+    seed: int = PRANET_VAL_SEED,
+    split_dir: str = "pranet_split",
+    verify: str = "header",
+    on_error: str = "raise",
+) -> dict[str, Any]:
+    """The PraNet split as one datalist: training, a fixed held-out validation split, and the named test sets.
+
+    Layout of ``data_root`` (that of ``../shared/data``): ``kvasir_seg/{images,masks}``,
+    ``cvc_clinicdb/{images,masks}`` and ``<split_dir>/{train,test}_{kvasir,clinicdb}.txt``. The 1450 training pairs
+    (900 Kvasir-SEG + 550 CVC-ClinicDB) are split by :func:`split_by_case` with a fixed ``seed``, so every run of
+    every model and training seed validates on the same cases (145 with the defaults) and the test sets take no part
+    in model selection. The id lists carry no ``"case"``, so that split is per file: CVC-ClinicDB's 612 frames come
+    from a few dozen videos, and frames of one video can fall on both sides (add ``"case"`` keys to the items and
+    drop ``"validation"`` to have the bundle re-split by video).
+
+    Args:
+        data_root: folder holding the two datasets and the id lists.
+        val_fraction: share of the training cases held out for validation.
+        seed: seed of that draw (:data:`PRANET_VAL_SEED` by default; keep it fixed).
+        split_dir: folder of the id lists under ``data_root``.
+        verify: see :func:`validate_datalist`.
+        on_error: see :func:`validate_datalist`.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...], "description": str}``: ``{"image", "label"}``
+        items with absolute paths; each ``"test"`` item also names its test set in ``"dataset"`` (``"kvasir"``:
+        100 pairs, ``"clinicdb"``: 62), the key ``evaluate.json`` scores each test set by.
+
+    Raises:
+        DataError: a listed id without its files, an unreadable file, or a picture in both a training and a test
+            list.
+    """
+    root = Path(data_root).expanduser().resolve()
+    lists = root / split_dir
+    options = {"verify": verify, "on_error": on_error}
+    train = split_datalist(
+        [root / folder for folder in PRANET_SETS.values()],
+        [lists / f"train_{name}.txt" for name in PRANET_SETS],
+        **options,
+    )
+    test = [
+        {**item, "dataset": name}
+        for name, folder in PRANET_SETS.items()
+        for item in split_datalist(root / folder, lists / f"test_{name}.txt", **options)
+    ]
+    leaked = {item["image"] for item in train} & {item["image"] for item in test}
+    if leaked:
+        raise DataError([(path, "in a training list and a test list of the PraNet split") for path in sorted(leaked)])
+    training, validation = split_by_case(train, val_fraction, seed)
+    description = (
+        f"PraNet split from {root}: training = train_{{kvasir,clinicdb}}.txt less the validation cases "
+        f"({val_fraction:g} of them, per file, drawn with seed {seed}); test = test_{{kvasir,clinicdb}}.txt, "
+        "named by each item's 'dataset'"
+    )
+    return {"description": description, "training": training, "validation": validation, "test": test}
