@@ -389,7 +389,7 @@ def _highdicom_seg(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=[source],
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL
@@ -409,6 +409,20 @@ def _highdicom_seg(
         series_description=f"Polyp segmentation ({ALGORITHM_NAME})",
         omit_empty_frames=False,
     )
+    _set_patient_orientation(seg, source)
+    return seg
+
+
+def _set_patient_orientation(seg, source) -> None:
+    """Patient Orientation (General Image module, type 2C: required, possibly empty, where the frames have no Plane
+    Orientation, as without a frame of reference), which highdicom leaves out: the source's, since the segmentation's
+    rows and columns are the source's."""
+    shared = seg.get("SharedFunctionalGroupsSequence")
+    per_frame = seg.get("PerFrameFunctionalGroupsSequence")
+    groups = [*(shared or []), *(per_frame[:1] if per_frame else [])]
+    if "PatientOrientation" in seg or any("PlaneOrientationSequence" in group for group in groups):
+        return
+    seg.PatientOrientation = source.get("PatientOrientation") or ""
 
 
 def _encode_frame(mask: np.ndarray, fractional: bool) -> np.ndarray:
@@ -469,11 +483,12 @@ def _multiframe_seg(
     seg.DimensionIndexSequence.append(frame_dimension)
     template = seg.PerFrameFunctionalGroupsSequence[0]
     items = []
-    for position, frame_number in enumerate(frame_numbers, start=1):
+    for frame_number in frame_numbers:
         item = copy.deepcopy(template)
         item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber = int(frame_number)
         content = item.FrameContentSequence[0]
-        content.DimensionIndexValues = [1, position]
+        # Temporal Position Index is an index itself: its dimension index value must equal it (dciodvfy checks)
+        content.DimensionIndexValues = [1, int(frame_number)]
         content.TemporalPositionIndex = int(frame_number)
         items.append(item)
     seg.PerFrameFunctionalGroupsSequence = items

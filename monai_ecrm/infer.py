@@ -619,8 +619,13 @@ Segment polyps in colonoscopy pictures with the polyp_ecrm bundle's network.
 INPUT is a picture file, a folder of pictures, or a DICOM study folder (searched with its sub-folders; DICOM files
 need no extension). DICOM images give one DICOM Segmentation per source instance, <stem>_seg.dcm, referencing the
 source's study, series, instance and frames, with a frame per source frame for multi-frame files (decoded one frame
-at a time). PNG, JPEG, BMP and TIFF pictures give <stem>_seg.png masks (0/255), NIfTI pictures <stem>_seg.nii.gz:
-the bundle's outputs. Sub-folders of a folder INPUT are kept in OUTPUT.
+at a time). PNG, JPEG, BMP and TIFF pictures give <stem>_seg.png masks (0/255), NIfTI pictures <stem>_seg.nii.gz
+masks (uint8, 0/255) with the source's affine and its shape without the colour axis ((549, 530) or (549, 530, 3) in:
+(549, 530) out): the bundle's outputs. Sub-folders of a folder INPUT are kept in OUTPUT.
+
+NIfTI pictures, voxel axis x along the columns: grey (x, y), (x, y, 1) or (x, y, 1, 1); colour as uint8 data
+(x, y, 3) (an RGB picture array saved as it is), RGB24 voxels or a vector (x, y, 1, 1, 3). (x, y, 3) data of any
+other type (float, int16) is a volume of 3 slices, not a picture, and is reported as such.
 
 Non-image DICOM objects (structured reports, presentation states, DICOMDIR, segmentations) and files of other kinds
 are skipped; an unreadable file or frame is reported and the job goes on. Every input is listed with its status in

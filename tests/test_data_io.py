@@ -21,7 +21,7 @@ from monai.data import DataLoader, Dataset, list_data_collate
 from monai.transforms import LoadImage, LoadImaged
 from PIL import Image
 
-from monai_ecrm.data import PolypImageReader, read_picture
+from monai_ecrm.data import DataError, PolypImageReader, read_picture
 from monai_ecrm.transforms import LoadPolypImage, LoadPolypImaged, infer_postprocessing, infer_transforms
 
 
@@ -215,6 +215,85 @@ def test_read_picture_gives_the_displayed_layout_for_nifti(tmp_path):
     data, info = read_picture(path)
     assert np.array_equal(data, picture)
     assert (info.width, info.height, info.channels) == (48, 36, 3)
+
+
+RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+# NIfTI layouts of the 48 x 36 marker picture and their spatial shapes (the shape without the channel axis)
+NIFTI_SPATIAL_SHAPES = {
+    "grey_2d": (48, 36),
+    "grey_4d": (48, 36, 1, 1),
+    "rgb_uint8": (48, 36),
+    "rgb24": (48, 36),
+    "vector": (48, 36, 1, 1),
+}
+
+
+def nifti_source(path, layout: str, picture: np.ndarray, affine: np.ndarray):
+    """A NIfTI file holding ``picture`` (``[H, W, 3]`` RGB or ``[H, W]`` grey) in one of the accepted layouts
+    (:data:`NIFTI_SPATIAL_SHAPES`), with voxel axis x along the columns."""
+    voxels = np.swapaxes(picture, 0, 1)
+    if layout == "rgb24":
+        structured = np.empty(voxels.shape[:2], dtype=RGB24)
+        for index, name in enumerate(RGB24.names):
+            structured[name] = voxels[..., index]
+        voxels = structured
+    elif layout == "vector":
+        voxels = voxels[:, :, None, None, :]
+    elif layout == "grey_4d":
+        voxels = voxels[:, :, None, None]
+    nibabel.save(nibabel.Nifti1Image(voxels, affine), path)
+    return path
+
+
+def test_rgb_nifti_saved_as_a_uint8_picture_array_reads_as_rgb(tmp_path):
+    """The obvious way to save a picture as NIfTI, ``Nifti1Image(numpy.asarray(picture), affine)``: (H, W, 3) uint8."""
+    picture = marker_picture()
+    path = tmp_path / "saved_as_is.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(picture, np.eye(4)), path)
+    data, info = read_picture(path)
+    assert info.channels == 3 and data.shape == (48, 36, 3), "(H, W, 3) uint8 is an RGB picture, not 3 slices"
+    np.testing.assert_array_equal(data, np.swapaxes(picture, 0, 1), err_msg="voxel axis x runs along the columns")
+    image = LoadPolypImage()(path)
+    assert image.shape == (3, 48, 36) and not torch.equal(image[0], image[1]), "colours are kept, not greyed"
+
+
+def test_rgb24_nifti_reads_as_rgb(tmp_path):
+    picture = marker_picture()
+    path = nifti_source(tmp_path / "rgb24.nii", "rgb24", picture, np.eye(4))
+    assert nibabel.load(path).header["datatype"] == 128, "NIfTI's RGB24 datatype"
+    data, info = read_picture(path)
+    assert info.channels == 3
+    np.testing.assert_array_equal(data, picture)
+
+
+def test_a_three_slice_volume_is_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "volume.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.random.default_rng(0).random((20, 16, 3)).astype(np.float32), np.eye(4)), path)
+    with pytest.raises(DataError) as raised:
+        read_picture(path)
+    message = str(raised.value)
+    assert str(path) in message and "3 slices" in message and "where a 2D frame is expected" in message, message
+    assert "uint8" in message, "the error says how a colour picture is stored"
+
+
+@pytest.mark.parametrize("layout", list(NIFTI_SPATIAL_SHAPES))
+def test_nifti_mask_has_the_source_shape_and_affine_and_0_255_values(tmp_path, layout):
+    """A NIfTI mask overlays its source in any viewer: the source's spatial shape and affine, values 0/255."""
+    picture = marker_picture(rgb=not layout.startswith("grey"))
+    affine = np.diag([-0.5, -0.5, 2.0, 1.0])
+    path = nifti_source(tmp_path / "source.nii.gz", layout, picture, affine)
+    preprocessing = infer_transforms(spatial_size=[72, 96])
+    item = preprocessing({"image": str(path)})
+    item["pred"] = item["image"][:1] * 8.0 - 4.0  # logits: positive on the marker (255), negative elsewhere
+    output = tmp_path / "out"
+    infer_postprocessing(preprocessing, output_dir=str(output))(item)
+    (written,) = output.iterdir()
+    mask = nibabel.load(written)
+    voxels = np.asarray(mask.dataobj)
+    assert voxels.shape == NIFTI_SPATIAL_SHAPES[layout], f"the mask of a {nibabel.load(path).shape} source"
+    assert voxels.dtype == np.uint8 and set(np.unique(voxels)) == {0, 255}, "masks are 0/255 like the PNG masks"
+    np.testing.assert_array_equal(voxels.reshape(48, 36).T > 0, marker_mask(), err_msg="the mask overlays its source")
+    assert np.allclose(mask.affine, affine), "the prediction must keep the source's affine"
 
 
 def test_each_frame_of_a_multiframe_file_gets_its_own_prediction_file(tmp_path):

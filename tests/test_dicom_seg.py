@@ -5,6 +5,8 @@ The synthetic DICOM files are written with pydicom directly; the SEGs are read b
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from io import BytesIO
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from monai_ecrm.dicom_seg import (
 MULTIFRAME_TRUE_COLOR_SC = "1.2.840.10008.5.1.4.1.1.7.4"
 MULTIFRAME_GRAYSCALE_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+DCIODVFY = shutil.which("dciodvfy")
 
 
 def video_frames(num_frames: int, height: int, width: int) -> np.ndarray:
@@ -250,3 +253,39 @@ def test_jpeg2000_frames_decode_to_the_pixels_of_pydicoms_decoder(tmp_path):
     for index in (0, 2):
         np.testing.assert_array_equal(streamed[index].data, reference, err_msg=f"frame {index}")
         np.testing.assert_array_equal(read_picture(path, frame=index)[0], reference, err_msg=f"frame {index}")
+
+
+def validator_report(path: Path) -> list[str]:
+    """The errors and warnings of David Clunie's DICOM validator ``dciodvfy`` on a file."""
+    result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
+    lines = (result.stdout + result.stderr).splitlines()
+    return [line for line in lines if line.startswith(("Error", "Warning"))]
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy not installed (apt-get install dicom3tools): SEGs not validated")
+@pytest.mark.parametrize("fractional", [False, True], ids=["binary", "fractional"])
+@pytest.mark.parametrize("source_kind", ["real_frame", "single_frame", "video", "video_some_frames"])
+def test_written_segs_pass_the_dicom_validator(tmp_path, source_kind, fractional):
+    """PACS and viewers may refuse a non-conformant object: every kind of SEG the command writes passes dciodvfy
+    without errors (the real frame has an empty Patient Orientation; a job whose other frames could not be decoded
+    writes the frames that came)."""
+    if source_kind == "real_frame":
+        path = real_data("dicom_samples") / "nema_wg04_vl2_j2kr.dcm"
+    elif source_kind == "single_frame":
+        ds = dicom_dataset(video_frames(1, 10, 12)[0])
+        ds.PatientOrientation = ["A", "F"]
+        path = write_dicom(tmp_path / "frame.dcm", ds)
+    else:
+        path = multiframe_dicom(tmp_path / "video.dcm", video_frames(5, 13, 11), rle=True)
+    source = read_dicom_source(path)
+    frame_numbers = [1, 2, 4] if source_kind == "video_some_frames" else None
+    frames = len(frame_numbers) if frame_numbers else int(source.get("NumberOfFrames", 1) or 1)
+    masks = np.random.default_rng(0).random((frames, source.Rows, source.Columns)).astype(np.float32)
+    seg = build_dicom_seg(source, masks if fractional else masks > 0.5, frame_numbers, fractional=fractional)
+    target = tmp_path / "seg.dcm"
+    seg.save_as(target)
+    report = validator_report(target)
+    errors = [line for line in report if line.startswith("Error")]
+    assert not errors, f"dciodvfy finds errors in the SEG of a {source_kind} source:\n" + "\n".join(report)
+    if source_kind == "single_frame":
+        assert pydicom.dcmread(target).PatientOrientation == ["A", "F"], "the source's Patient Orientation is kept"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,38 @@ def test_overlay_draws_contours_where_the_masks_end_in_either_layout():
     both_transposed = render_overlay(image.transpose(1, 2), pred.transpose(1, 2), label.transpose(1, 2), 0.5, "WH", 1)
     assert np.array_equal(both_transposed, picture)
     assert render_overlay(None, pred, label, caption="Dice 0.000").shape == (30 + 14, 40, 3)
+
+
+def test_ties_among_the_worst_give_as_many_overlays_as_asked_named_after_the_dataset_folder(tmp_path):
+    """Most of the worst cases share Dice 0 (nothing predicted): the overlays written are the first ones seen, and
+    the dataset, given by no item, is named after the folder above the images."""
+    rows, cols = np.mgrid[:24, :32]
+    label = torch.from_numpy(((rows - 12) ** 2 + (cols - 16) ** 2 <= 49).astype(np.float32))[None]
+    items = []
+    for index in range(15):
+        good = index % 3 == 1  # interleaved good predictions; the others miss the polyp, Dice 0
+        logits = 10 * (2 * label - 1) if good else torch.full_like(label, -10.0)
+        meta = {"filename_or_obj": f"/data/Kvasir-SEG/images/case{index:02d}.png"}
+        items.append({"image": MetaTensor(logits, meta=meta), "label": label})
+    evaluate(items, EvaluationReport(tmp_path, worst_k=4))
+    per_image = read_csv(tmp_path / "per_image.csv")
+    assert {row["dataset"] for row in per_image} == {"Kvasir-SEG"}, "named after the dataset folder"
+    zero = [row for row in per_image if float(row["dice"]) == 0.0]
+    assert len(zero) == 10
+    written = sorted(path.name for path in (tmp_path / "overlays" / "Kvasir-SEG").iterdir())
+    expected = [f"{place:02d}_dice0.000_{Path(row['filename']).stem}.png" for place, row in enumerate(zero[:4], 1)]
+    assert written == expected, "worst_k overlays of the worst cases, ties in the order of per_image.csv"
+
+
+def test_report_min_max_normalizes_the_maps_when_asked(tmp_path):
+    items = make_items()[:2]
+    for item in items:  # sigmoid maps in about [0.3, 0.6]: not spanning [0, 1]
+        item["image"] = item["image"].clamp(-3, 3) / 6 - 0.4
+    evaluate(items, EvaluationReport(tmp_path, worst_k=1, normalize="minmax"))
+    for row, item in zip(read_csv(tmp_path / "per_image.csv"), items):
+        pred = torch.sigmoid(item["image"].as_tensor())[None]
+        expected = polyp_metric_suite(pred, item["label"][None], normalize="minmax")
+        for name, value in expected.items():
+            assert float(row[name]) == pytest.approx(float(value[0]), abs=1e-9), name
+        as_given = polyp_metric_suite(pred, item["label"][None])
+        assert abs(float(row["s_measure"]) - float(as_given["s_measure"][0])) > 1e-3, "the maps are stretched"

@@ -73,6 +73,7 @@ def test_help_explains_every_option(capsys):
                    "--spatial-size", "--threshold", "--probabilities", "--dicom-png", "--overwrite", "--device",
                    "--no-progress", "report.csv", "exit status"]:  # fmt: skip
         assert option in text, f"--help does not mention {option}"
+    assert "(x, y, 3)" in text and "RGB24" in text, "--help says which NIfTI layouts are pictures"
 
 
 def test_real_dicom_frame_seg_equals_the_bundle_png_mask(tmp_path, ecrm_checkpoint):
@@ -255,6 +256,36 @@ def test_study_folder_with_sr_corrupt_and_good_frames_finishes_with_a_report(tmp
     ]
     assert numbers == [1, 3, 4], "the undecodable frame has no SEG frame; the others keep their source frame numbers"
     assert not (output / PARTIAL_DIR).exists()
+
+
+def test_nifti_pictures_give_masks_in_their_own_layout_and_a_volume_is_reported(tmp_path, torchscript_model):
+    """NIfTI saved the obvious way, ``Nifti1Image(picture_array, affine)``: RGB (H, W, 3) uint8 and grey (H, W)."""
+    import nibabel
+
+    folder = tmp_path / "nifti"
+    folder.mkdir()
+    picture = video_frames(1, 36, 48)[0]
+    affine = np.diag([0.5, -0.5, 1.0, 1.0])
+    nibabel.save(nibabel.Nifti1Image(picture, affine), folder / "rgb.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(picture[..., 1], affine), folder / "grey.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(picture.astype(np.float32) / 255, affine), folder / "volume.nii.gz")
+    output = tmp_path / "out"
+    rc = main([str(folder), "-o", str(output), "--torchscript", str(torchscript_model), "--spatial-size", "32",
+               "--no-progress"])  # fmt: skip
+    assert rc == EXIT_FAILED
+    report = read_report(output)
+    assert {name: row["status"] for name, row in report.items()} == {
+        "grey.nii.gz": "written",
+        "rgb.nii.gz": "written",
+        "volume.nii.gz": "failed",
+    }
+    assert "3 slices" in report["volume.nii.gz"]["detail"]
+    for name in ("rgb", "grey"):
+        mask = nibabel.load(output / f"{name}_seg.nii.gz")
+        voxels = np.asarray(mask.dataobj)
+        assert voxels.shape == (36, 48), f"{name}: the mask has the source's spatial shape"
+        assert voxels.dtype == np.uint8 and set(np.unique(voxels)) <= {0, 255}, f"{name}: masks are 0/255"
+        assert np.allclose(mask.affine, affine), f"{name}: the source's affine is kept"
 
 
 def _mixed_folder(folder: Path) -> Path:

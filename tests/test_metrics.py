@@ -23,6 +23,7 @@ from monai_ecrm.metrics import (
     compute_polyp_metrics,
     functional,
     polyp_metric_suite,
+    score_pair,
 )
 
 psm = pytest.importorskip("py_sod_metrics", reason="pysodmetrics (test dependency) is the reference implementation")
@@ -236,3 +237,65 @@ def test_inputs_that_are_not_probability_maps_are_refused():
         polyp_metric_suite(torch.rand(1, 1, 8, 8), torch.zeros(1, 1, 8, 9))
     with pytest.raises(ValueError, match="mode"):
         EMeasureMetric(mode="median")
+
+
+def small_mask(height: int = 60, width: int = 80, seed: int = 0) -> np.ndarray:
+    """A small polyp-like ellipse, off centre."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:height, :width]
+    centre_r, centre_c = height * rng.uniform(0.3, 0.6), width * rng.uniform(0.3, 0.6)
+    return ((rows - centre_r) / (height / 5)) ** 2 + ((cols - centre_c) / (width / 4)) ** 2 <= 1
+
+
+def unstretched_map(kind: str, mask: np.ndarray) -> np.ndarray:
+    """A prediction map whose range is not [0, 1]: what min-max normalisation changes (or leaves, if constant)."""
+    blurred = ndimage.gaussian_filter(np.roll(mask, 4, axis=1).astype(np.float64), 3)
+    blurred /= blurred.max()
+    if kind == "dim":  # a Gaussian-blurred mask peaking at 0.6
+        return (0.6 * blurred).astype(np.float32)
+    if kind == "band":  # a map in [0.2, 0.7]
+        return (0.2 + 0.5 * blurred).astype(np.float32)
+    if kind == "band_uint8":  # an 8-bit map saved without normalisation, 40..180
+        return np.round(40 + 140 * blurred).astype(np.uint8)
+    return np.full(mask.shape, {"constant_0.3": 0.3, "constant_0": 0.0, "constant_1": 1.0}[kind], np.float32)
+
+
+@pytest.mark.parametrize("gt_kind", ["mask", "empty", "full"])
+@pytest.mark.parametrize("pred_kind", ["dim", "band", "band_uint8", "constant_0.3", "constant_0", "constant_1"])
+def test_minmax_normalize_equals_pysodmetrics_on_maps_that_do_not_span_0_1(pred_kind, gt_kind):
+    """The papers' numbers (pysodmetrics, normalize=True) on maps that are dim, squeezed, 8-bit or constant."""
+    mask = small_mask()
+    gt = {"mask": mask, "empty": np.zeros_like(mask), "full": np.ones_like(mask)}[gt_kind]
+    pred = unstretched_map(pred_kind, mask)
+    # pysodmetrics reads 8-bit maps (divided by 255) and 0/255 masks (above 128) when it normalises
+    ref = reference(pred if pred.dtype == np.uint8 else pred.astype(np.float64) * 255, gt.astype(np.uint8) * 255, True)
+    context = f"{pred_kind} map, {gt_kind} mask"
+    assert_close(compute_polyp_metrics(pred, gt, normalize="minmax"), ref, context)
+    assert_close(score_pair(pred, gt, normalize="minmax"), ref, f"score_pair, {context}")
+    if pred_kind in ("dim", "band"):
+        as_given = compute_polyp_metrics(pred, gt)
+        assert_close(as_given, reference(pred, gt), f"default, {context}")
+        assert abs(as_given["s_measure"] - ref["s_measure"]) > 1e-3, "the default scores the map as given"
+
+
+def test_metric_classes_min_max_normalize_like_pysodmetrics():
+    masks = [small_mask(60, 80, 1), small_mask(48, 64, 2), small_mask(52, 52, 3)]
+    pairs = [(unstretched_map(kind, gt), gt) for kind, gt in zip(("dim", "band", "dim"), masks)]
+    metrics = {
+        "dice": PolypOverlapMetric("dice", normalize="minmax"),
+        "iou": PolypOverlapMetric("iou", normalize="minmax"),
+        "s_measure": SMeasureMetric(normalize="minmax"),
+        "e_measure_mean": EMeasureMetric("mean", normalize="minmax"),
+        "e_measure_max": EMeasureMetric("max", normalize="minmax"),
+        "e_measure_adaptive": EMeasureMetric("adaptive", normalize="minmax"),
+        "weighted_f_measure": WeightedFMeasureMetric(normalize="minmax"),
+    }
+    for pred, gt in pairs:
+        for metric in metrics.values():
+            metric(torch.from_numpy(pred)[None, None], torch.from_numpy(gt)[None, None])
+    expected = [reference(pred.astype(np.float64) * 255, gt.astype(np.uint8) * 255, True) for pred, gt in pairs]
+    for name, metric in metrics.items():
+        ours = metric.aggregate("none").view(-1).tolist()
+        assert ours == pytest.approx([scores[name] for scores in expected], abs=TOLERANCE), name
+    with pytest.raises(ValueError, match="normalize"):
+        SMeasureMetric(normalize="zscore")

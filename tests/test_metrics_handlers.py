@@ -78,3 +78,25 @@ def test_handlers_report_the_mean_of_the_per_image_suite_over_images_of_differen
     max_of_mean_curve = float(torch.cat(curves).mean(0).max())
     assert evaluator.state.metrics["val_e_max"] == pytest.approx(max_of_mean_curve), "the papers' dataset max E-phi"
     assert evaluator.state.best_metric == pytest.approx(evaluator.state.metrics["val_dice"])
+
+
+def test_handlers_min_max_normalize_the_maps_only_when_asked():
+    items = ellipse_items([(40, 52), (36, 60)])
+    for item in items:  # sigmoid maps in about [0.27, 0.62]: not spanning [0, 1]
+        item["image"] = item["image"].clamp(-4, 4) / 8 - 0.25
+    transform = from_engine(["pred", "label"])
+    # handler name: (handler, suite key, normalize)
+    cases = {
+        "val_dice": (PolypOverlap("dice", output_transform=transform, normalize="minmax"), "dice", "minmax"),
+        "val_s": (SMeasure(output_transform=transform, normalize="minmax"), "s_measure", "minmax"),
+        "val_e": (EMeasure("adaptive", output_transform=transform, normalize="minmax"), "e_measure_adaptive", "minmax"),
+        "val_wf": (WeightedFMeasure(output_transform=transform, normalize="minmax"), "weighted_f_measure", "minmax"),
+        "val_s_as_given": (SMeasure(output_transform=transform), "s_measure", None),
+    }
+    evaluator = run_evaluator(items, {name: case[0] for name, case in cases.items()})
+    maps = [(torch.sigmoid(item["image"])[None], item["label"][None]) for item in items]
+    for name, (_, key, normalize) in cases.items():
+        mean = float(np.mean([float(polyp_metric_suite(*pair, normalize=normalize)[key][0]) for pair in maps]))
+        assert evaluator.state.metrics[name] == pytest.approx(mean, abs=1e-6), name
+    assert evaluator.state.metrics["val_dice"] > 0.5, "the stretched maps cross the 0.5 threshold on the polyps"
+    assert abs(evaluator.state.metrics["val_s"] - evaluator.state.metrics["val_s_as_given"]) > 1e-3

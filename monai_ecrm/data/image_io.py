@@ -10,6 +10,16 @@ Orientation convention
     same ``[H, W, C]`` layout; the affine is not applied (no reorientation), it travels with the picture so that a
     prediction written as NIfTI overlays its source voxel for voxel in any viewer.
 
+NIfTI layouts (voxel axes ``x`` = columns, ``y`` = rows; see :func:`read_picture`)
+    A grey picture is ``(x, y)``, ``(x, y, 1)`` or ``(x, y, 1, 1)``; a colour picture is RGB24 or RGBA32 voxels
+    (NIfTI's colour datatypes, a numpy dtype with fields) of one of those shapes, a NIfTI vector ``(x, y, 1, 1, C)``,
+    or ``uint8`` data of shape ``(x, y, 3)`` or ``(x, y, 4)`` (RGB or RGBA, what ``nibabel.Nifti1Image`` makes of an
+    ``[H, W, 3]`` picture array). By shape alone ``(x, y, 3)`` could also be a volume of 3 slices: only ``uint8``
+    data, the type of a colour picture, is taken for colour; 3D data of any other type with more than one slice
+    (``float32``, ``int16``: a scan) is refused as a volume. An array saved straight from ``numpy.asarray`` of a
+    picture has its rows along ``x``: it is read transposed (the picture mirrored about its diagonal), and the
+    prediction is still written voxel for voxel over it.
+
     :class:`monai_ecrm.data.PolypImageReader` gives MONAI the usual "spatial first" ``[W, H, C]`` layout of its own
     readers and writers; :class:`monai_ecrm.transforms.LoadPolypImaged` gives the pipeline ``[C, H, W]`` through an
     invertible transposition, which ``Invertd`` undoes before ``SaveImage`` writes a prediction.
@@ -98,6 +108,9 @@ class PictureInfo:
         affine: 4x4 matrix from the voxel index ``(x = column, y = row)`` to world coordinates (NIfTI's affine,
             DICOM's pixel spacing, identity otherwise).
         dicom_ids: the identifiers of :data:`DICOM_ID_KEYWORDS` for DICOM files.
+        stored_spatial_ndim: axes of the stored data without its channel axis: 2 for the other formats; for NIfTI 2
+            (``(x, y)``, ``(x, y, 3)``), 3 (``(x, y, 1)``) or 4 (``(x, y, 1, 1)``, ``(x, y, 1, 1, C)``). A NIfTI
+            prediction is written with this many axes, so its shape is the source's spatial shape.
     """
 
     path: str
@@ -109,6 +122,7 @@ class PictureInfo:
     bit_depth: int = 8
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
     dicom_ids: dict[str, str] = field(default_factory=dict)
+    stored_spatial_ndim: int = 2
 
 
 def _fail(path: str | os.PathLike, problem: str) -> DataError:
@@ -462,24 +476,40 @@ def _nifti_image(path: str | os.PathLike):
         raise _fail(path, f"unreadable NIfTI file: {error}") from None
 
 
-def _nifti_layout(path: str | os.PathLike, shape: Sequence[int]) -> int:
-    """Check that a NIfTI shape ``(x, y[, 1[, 1[, c]]])`` holds one 2D picture; returns its channel count."""
+_NIFTI_COLOUR_HINT = (
+    "a colour picture is uint8 data (x, y, 3), RGB24 voxels or a vector (x, y, 1, 1, 3) (see monai_ecrm.data.image_io)"
+)
+
+
+def _nifti_layout(path: str | os.PathLike, shape: Sequence[int], dtype: np.dtype) -> tuple[int, int]:
+    """Check that NIfTI data hold one 2D picture (the layouts of the module docstring); returns its channel count and
+    its number of axes without the channel axis."""
     shape = tuple(int(size) for size in shape)
     if len(shape) < 2 or len(shape) > 5:
         raise _fail(path, f"NIfTI data of shape {shape}: a 2D picture (x, y) is expected")
+    if dtype.names:  # RGB24 / RGBA32: the channels are the fields of each voxel
+        channels = len(dtype.names)
+    elif len(shape) == 3 and shape[2] in (3, 4) and dtype == np.uint8:
+        return shape[2], 2  # an RGB(A) picture array saved as it is
+    else:
+        channels = shape[4] if len(shape) == 5 else 1
     if len(shape) >= 3 and shape[2] > 1:
-        raise _fail(path, f"3D NIfTI volume of shape {shape} ({shape[2]} slices) where a 2D frame is expected")
+        raise _fail(
+            path,
+            f"3D NIfTI volume of shape {shape} ({shape[2]} slices of type {dtype}) where a 2D frame is expected; "
+            + _NIFTI_COLOUR_HINT,
+        )
     if len(shape) >= 4 and shape[3] > 1:
         raise _fail(path, f"NIfTI time series of shape {shape} ({shape[3]} time points) where a 2D frame is expected")
-    return shape[4] if len(shape) == 5 else 1
+    if dtype.names and len(shape) == 5:
+        raise _fail(path, f"NIfTI {dtype} voxels with a vector axis, shape {shape}: a 2D picture is expected")
+    return channels, min(len(shape), 4)
 
 
 def _probe_nifti(path: str | os.PathLike) -> PictureInfo:
     image = _nifti_image(path)
     dtype = image.get_data_dtype()
-    channels = 3 if dtype.names else _nifti_layout(path, image.shape)
-    if dtype.names:
-        _nifti_layout(path, image.shape)
+    channels, spatial_ndim = _nifti_layout(path, image.shape, dtype)
     _check_channels(path, channels)
     bit_depth = 8 if dtype.names else _bit_depth_of_dtype(dtype)
     return PictureInfo(
@@ -490,6 +520,7 @@ def _probe_nifti(path: str | os.PathLike) -> PictureInfo:
         channels,
         bit_depth=8 if bit_depth is None else bit_depth,
         affine=np.asarray(image.affine, dtype=np.float64),
+        stored_spatial_ndim=spatial_ndim,
     )
 
 
@@ -560,6 +591,11 @@ def read_picture(path: str | os.PathLike, frame: int | None = None) -> tuple[np.
         path: a PNG, JPEG, BMP, TIFF, DICOM or NIfTI file (see :data:`SUPPORTED_SUFFIXES`).
         frame: which frame of a multi-frame DICOM or multi-page TIFF to read (0-based); required for those files.
 
+    NIfTI files hold a grey picture as ``(x, y)``, ``(x, y, 1)`` or ``(x, y, 1, 1)`` and a colour one as ``uint8``
+    ``(x, y, 3)`` (or ``(x, y, 4)``, RGBA), as RGB24/RGBA32 voxels or as a vector ``(x, y, 1, 1, C)``, with ``x`` along
+    the columns. ``(x, y, 3)`` data of another type than ``uint8`` is a volume of 3 slices, refused (see the module
+    docstring for why the type decides).
+
     Returns:
         The pixel array (uint8, uint16 or float; C = 1, 2, 3 or 4 as stored; YBR DICOM converted to RGB, palette
         pictures expanded to RGB, MONOCHROME1 inverted) and the :class:`PictureInfo`.
@@ -584,7 +620,8 @@ def picture_meta(info: PictureInfo, frame: int | None = None) -> dict[str, Any]:
     """The metadata every loaded picture carries, with the same keys for every format so mixed batches collate.
 
     Spatial entries follow MONAI's reader convention (first spatial axis x = column): ``spatial_shape`` is
-    ``[W, H]`` and ``affine`` maps ``(x, y)`` voxel indices to world coordinates.
+    ``[W, H]`` and ``affine`` maps ``(x, y)`` voxel indices to world coordinates; ``stored_spatial_ndim`` is
+    :attr:`PictureInfo.stored_spatial_ndim` (what a NIfTI prediction's shape follows).
 
     Args:
         info: the picture's header information.
@@ -603,6 +640,7 @@ def picture_meta(info: PictureInfo, frame: int | None = None) -> dict[str, Any]:
         "affine": info.affine.copy(),
         "original_affine": info.affine.copy(),
         "space": "RAS",
+        "stored_spatial_ndim": info.stored_spatial_ndim,
     }
     meta.update({keyword: info.dicom_ids.get(keyword, "") for keyword in DICOM_ID_KEYWORDS})
     return meta

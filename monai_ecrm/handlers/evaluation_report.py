@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-import itertools
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -19,7 +18,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from PIL import Image, ImageDraw
 
 from monai_ecrm.metrics.evaluation import summarize, write_tables
-from monai_ecrm.metrics.functional import SUITE_KEYS, polyp_metric_suite
+from monai_ecrm.metrics.functional import SUITE_KEYS, _check_normalize, minmax_normalize, polyp_metric_suite
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -31,6 +30,8 @@ __all__ = ["EvaluationReport", "render_overlay"]
 
 GT_COLOUR = (0, 230, 0)
 PRED_COLOUR = (255, 0, 255)
+IMAGE_FOLDER_NAMES = ("images", "image", "imgs", "img")
+"""Folder names of images inside a dataset folder (``<dataset>/images/``), see ``EvaluationReport``'s dataset names."""
 
 
 class EvaluationReport:
@@ -45,7 +46,13 @@ class EvaluationReport:
     - ``summary.csv`` and ``summary.md``: the mean scores per dataset (and overall when there are several), with
       the polyp papers' column names in the Markdown table;
     - ``overlays/<dataset>/NN_dice<score>_<name>.png``: for the ``worst_k`` lowest Dice of each dataset, the image
-      with the ground-truth contour (green) and the predicted contour (magenta, ``pred > threshold``).
+      with the ground-truth contour (green) and the predicted contour (magenta, ``pred > threshold``). Ties, the
+      usual case among the worst (every image at Dice 0), are broken by the order the images were seen (on several
+      ranks: rank by rank), so ``NN`` is the place in ``per_image.csv`` sorted by Dice with a stable sort.
+
+    A dataset is named by ``dataset_key``, else ``default_dataset``, else after the folder its image comes from: the
+    folder above the images folder (``Kvasir/images/12.png``: ``Kvasir``; see :data:`IMAGE_FOLDER_NAMES`), or the
+    folder holding the image (a flat folder of pictures); ``"dataset"`` when the file name is unknown.
 
     Events: ``EPOCH_STARTED`` clears the rows, ``ITERATION_COMPLETED`` scores the batch, ``EPOCH_COMPLETED`` writes.
     Nothing is written to ``engine.state``; the rows and the summary stay in ``rows`` and ``summary``. Under
@@ -60,7 +67,8 @@ class EvaluationReport:
             the overlay's background; ``None`` draws on black.
         dataset_key: key of the dataset name in the batch or output item (for example a datalist field); items
             without it belong to ``default_dataset``.
-        default_dataset: the dataset name of items without ``dataset_key``.
+        default_dataset: the dataset name of items without ``dataset_key``; ``None`` names them after their dataset
+            folder (see above).
         worst_k: overlays per dataset; 0 writes none.
         threshold: binarisation of Dice, IoU, precision, recall and of the predicted contour (``pred > threshold``).
         spatial_layout: layout of ``pred`` and ``label``: ``"HW"`` when their spatial axes are rows then columns
@@ -69,6 +77,9 @@ class EvaluationReport:
         image_layout: layout of the image; ``None``: that of ``pred`` (an image inverted with the prediction).
             ``"HW"`` for this project's network input when the prediction alone is inverted to ``"WH"``.
         contour_width: contour thickness in pixels.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] before it is scored and drawn, as ``pysodmetrics``
+            and the polyp papers' evaluation do; ``None`` (default) scores it as given, so that the map of a frame
+            without a polyp is not stretched into one (see :mod:`monai_ecrm.metrics.functional`).
     """
 
     def __init__(
@@ -77,12 +88,13 @@ class EvaluationReport:
         output_transform: Callable[[Mapping[str, Any]], Any] = from_engine(["pred", "label"]),
         image_key: str | None = "image",
         dataset_key: str | None = "dataset",
-        default_dataset: str = "dataset",
+        default_dataset: str | None = None,
         worst_k: int = 8,
         threshold: float = 0.5,
         spatial_layout: str = "HW",
         contour_width: int = 2,
         image_layout: str | None = None,
+        normalize: str | None = None,
     ) -> None:
         image_layout = image_layout or spatial_layout
         for name, layout in (("spatial_layout", spatial_layout), ("image_layout", image_layout)):
@@ -98,10 +110,11 @@ class EvaluationReport:
         self.spatial_layout = spatial_layout
         self.contour_width = contour_width
         self.image_layout = image_layout
+        self.normalize = _check_normalize(normalize)
         self.rows: list[dict[str, Any]] = []
         self.summary: list[dict[str, Any]] = []
-        self._worst: dict[str, list[tuple[float, int, str, np.ndarray]]] = {}
-        self._order = itertools.count()
+        # per dataset, a heap of (-dice, -position in rows, overlay) of the worst cases kept (see _keep_if_worst)
+        self._worst: dict[str, list[tuple[float, int, np.ndarray]]] = {}
 
     def attach(self, engine: Engine) -> None:
         """Registers the report on the evaluator's epoch and iteration events."""
@@ -143,34 +156,39 @@ class EvaluationReport:
                 f"{tuple(label.shape)}."
             )
         pred = pred if pred.is_floating_point() else pred.float()
+        if self.normalize == "minmax":  # the overlay draws the contour of the map that is scored
+            pred = minmax_normalize(pred)
         scores = polyp_metric_suite(pred[None], label[None].to(pred.device), self.threshold, return_curve=True)
-        dataset = self._dataset(output, batch)
         filename = _filename(output, batch, self.image_key, fallback=f"item_{len(self.rows)}")
+        dataset = self._dataset(output, batch, filename)
         height, width = pred.shape[1:] if self.spatial_layout == "HW" else (pred.shape[2], pred.shape[1])
         row: dict[str, Any] = {"dataset": dataset, "filename": filename, "height": height, "width": width}
         row.update({name: float(scores[name][0]) for name in SUITE_KEYS})
         row["e_measure_curve"] = scores["e_measure_curve"][0].cpu().numpy()  # for the dataset's max E-phi
         self.rows.append(row)
         if self.worst_k > 0:
-            self._keep_if_worst(row, pred, label, self._image(output, batch))
+            self._keep_if_worst(row, len(self.rows) - 1, pred, label, self._image(output, batch))
         return row
 
     def __call__(self, engine: Engine | None = None) -> None:
         """Gathers the rows of all ranks and writes the tables and overlays."""
-        rows = _gather(self.rows)
+        parts = _gather(self.rows)
+        rows = [row for part in parts for row in part]
         self.summary = summarize(rows)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if rank == 0 and rows:
             write_tables(rows, self.output_dir)
         if self.worst_k > 0:
-            self._write_overlays(rows)
+            self._write_overlays(rows, offset=sum(len(part) for part in parts[:rank]))
 
-    def _dataset(self, output: Mapping[str, Any], batch: Mapping[str, Any]) -> str:
+    def _dataset(self, output: Mapping[str, Any], batch: Mapping[str, Any], filename: str) -> str:
         for item in (batch, output):
             if self.dataset_key and self.dataset_key in item:
                 value = item[self.dataset_key]
                 return str(value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value)
-        return self.default_dataset
+        if self.default_dataset is not None:
+            return self.default_dataset
+        return _dataset_folder(filename) or "dataset"
 
     def _image(self, output: Mapping[str, Any], batch: Mapping[str, Any]) -> torch.Tensor | None:
         for item in (output, batch):
@@ -179,11 +197,17 @@ class EvaluationReport:
         return None
 
     def _keep_if_worst(
-        self, row: Mapping[str, Any], pred: torch.Tensor, label: torch.Tensor, image: torch.Tensor | None
+        self,
+        row: Mapping[str, Any],
+        position: int,
+        pred: torch.Tensor,
+        label: torch.Tensor,
+        image: torch.Tensor | None,
     ) -> None:
-        # a heap of the kept items with the highest Dice on top, so it is the one a worse item replaces
+        # Worse means a lower Dice, or the same Dice and seen earlier: the order _write_overlays ranks by. The heap
+        # has the least bad kept item on top (highest Dice, last seen among equals), the one a worse item replaces.
         kept = self._worst.setdefault(row["dataset"], [])
-        key = (-row["dice"], next(self._order))
+        key = (-row["dice"], -position)
         if len(kept) >= self.worst_k and key <= kept[0][:2]:
             return
         overlay = render_overlay(
@@ -196,21 +220,24 @@ class EvaluationReport:
             _caption(row),
             self.image_layout,
         )
-        entry = (*key, row["filename"], overlay)
+        entry = (*key, overlay)
         if len(kept) < self.worst_k:
             heapq.heappush(kept, entry)
         else:
             heapq.heapreplace(kept, entry)
 
-    def _write_overlays(self, rows: list[dict[str, Any]]) -> None:
-        by_dataset: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            by_dataset.setdefault(row["dataset"], []).append(row)
+    def _write_overlays(self, rows: list[dict[str, Any]], offset: int) -> None:
+        """Writes the overlays this rank kept that are among the worst of all ranks' ``rows``, in which this rank's
+        rows start at ``offset``."""
+        by_dataset: dict[str, list[int]] = {}
+        for index, row in enumerate(rows):
+            by_dataset.setdefault(row["dataset"], []).append(index)
         for dataset, kept in self._worst.items():
-            ranked = sorted(by_dataset.get(dataset, []), key=lambda row: row["dice"])[: self.worst_k]
+            # a stable sort: equal Dice in the order seen, as _keep_if_worst keeps them
+            ranked = sorted(by_dataset.get(dataset, []), key=lambda index: rows[index]["dice"])[: self.worst_k]
             names = {
-                row["filename"]: f"{place:02d}_dice{row['dice']:.3f}_{_safe(Path(row['filename']).stem)}.png"
-                for place, row in enumerate(ranked, start=1)
+                index: f"{place:02d}_dice{rows[index]['dice']:.3f}_{_safe(Path(rows[index]['filename']).stem)}.png"
+                for place, index in enumerate(ranked, start=1)
             }
             folder = self.output_dir / "overlays" / _safe(dataset)
             folder.mkdir(parents=True, exist_ok=True)
@@ -218,9 +245,10 @@ class EvaluationReport:
             for stale in folder.glob("[0-9][0-9]_dice*.png"):
                 if stale.name not in names.values():
                     stale.unlink(missing_ok=True)
-            for _, _, filename, overlay in kept:
-                if filename in names:
-                    Image.fromarray(overlay).save(folder / names[filename])
+            for _, negative_position, overlay in kept:
+                name = names.get(offset - negative_position)
+                if name is not None:
+                    Image.fromarray(overlay).save(folder / name)
 
 
 def render_overlay(
@@ -313,9 +341,18 @@ def _filename(output: Mapping[str, Any], batch: Mapping[str, Any], image_key: st
     return fallback
 
 
-def _gather(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _dataset_folder(filename: str) -> str:
+    """The name of the dataset folder of an image file: the folder above its images folder, else its folder."""
+    folder = Path(filename).parent
+    if folder.name.lower() in IMAGE_FOLDER_NAMES:
+        folder = folder.parent
+    return folder.name
+
+
+def _gather(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The rows of every rank, rank by rank."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(rows)
+        return [list(rows)]
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in part]
+    return gathered

@@ -4,7 +4,8 @@ Like MONAI's ``MeanDice``: each wraps one metric of :mod:`monai_ecrm.metrics`, u
 ``output_transform(engine.state.output)`` (``from_engine(["pred", "label"])`` in a bundle), writes the reduced score
 to ``engine.state.metrics[name]`` at the end of the epoch and, with ``save_details``, the per-image scores to
 ``engine.state.metric_details[name]``. ``pred`` must be the foreground probability map (sigmoid, not thresholded),
-``label`` the binary mask. MAE is MONAI's own ``monai.handlers.MeanAbsoluteError``.
+``label`` the binary mask. MAE is MONAI's own ``monai.handlers.MeanAbsoluteError``, which scores the maps as given
+(``normalize=None``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class PolypOverlap(IgniteMetricHandler):
         output_transform: extracts ``(y_pred, y)`` from ``engine.state.output``.
         save_details: keep the per-image scores (the per-image curves in the ``"mean"`` and ``"max"`` modes) in
             ``engine.state.metric_details``.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] before scoring, as ``pysodmetrics`` and the polyp
+            papers' evaluation do; ``None`` (default) scores it as given, so that the map of a frame without a polyp
+            is not stretched into one.
     """
 
     def __init__(
@@ -47,8 +51,11 @@ class PolypOverlap(IgniteMetricHandler):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         output_transform: Callable = lambda x: x,
         save_details: bool = True,
+        normalize: str | None = None,
     ) -> None:
-        metric_fn = PolypOverlapMetric(metric_name=metric_name, threshold=threshold, mode=mode, reduction=reduction)
+        metric_fn = PolypOverlapMetric(
+            metric_name=metric_name, threshold=threshold, mode=mode, reduction=reduction, normalize=normalize
+        )
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
 
 
@@ -60,6 +67,9 @@ class SMeasure(IgniteMetricHandler):
         reduction: MONAI's reduction of the per-image scores.
         output_transform: extracts ``(y_pred, y)`` from ``engine.state.output``.
         save_details: keep the per-image scores in ``engine.state.metric_details``.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] before scoring, as ``pysodmetrics`` and the polyp
+            papers' evaluation do; ``None`` (default) scores it as given, so that the map of a frame without a polyp
+            is not stretched into one.
     """
 
     def __init__(
@@ -68,8 +78,9 @@ class SMeasure(IgniteMetricHandler):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         output_transform: Callable = lambda x: x,
         save_details: bool = True,
+        normalize: str | None = None,
     ) -> None:
-        metric_fn = SMeasureMetric(alpha=alpha, reduction=reduction)
+        metric_fn = SMeasureMetric(alpha=alpha, reduction=reduction, normalize=normalize)
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
 
 
@@ -82,6 +93,9 @@ class EMeasure(IgniteMetricHandler):
         output_transform: extracts ``(y_pred, y)`` from ``engine.state.output``.
         save_details: keep the per-image scores (the per-image curves in the ``"mean"`` and ``"max"`` modes) in
             ``engine.state.metric_details``.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] before scoring, as ``pysodmetrics`` and the polyp
+            papers' evaluation do; ``None`` (default) scores it as given, so that the map of a frame without a polyp
+            is not stretched into one.
     """
 
     def __init__(
@@ -90,8 +104,9 @@ class EMeasure(IgniteMetricHandler):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         output_transform: Callable = lambda x: x,
         save_details: bool = True,
+        normalize: str | None = None,
     ) -> None:
-        metric_fn = EMeasureMetric(mode=mode, reduction=reduction)
+        metric_fn = EMeasureMetric(mode=mode, reduction=reduction, normalize=normalize)
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
 
 
@@ -103,6 +118,9 @@ class WeightedFMeasure(IgniteMetricHandler):
         reduction: MONAI's reduction of the per-image scores.
         output_transform: extracts ``(y_pred, y)`` from ``engine.state.output``.
         save_details: keep the per-image scores in ``engine.state.metric_details``.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] before scoring, as ``pysodmetrics`` and the polyp
+            papers' evaluation do; ``None`` (default) scores it as given, so that the map of a frame without a polyp
+            is not stretched into one.
     """
 
     def __init__(
@@ -111,6 +129,7 @@ class WeightedFMeasure(IgniteMetricHandler):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         output_transform: Callable = lambda x: x,
         save_details: bool = True,
+        normalize: str | None = None,
     ) -> None:
-        metric_fn = WeightedFMeasureMetric(beta=beta, reduction=reduction)
+        metric_fn = WeightedFMeasureMetric(beta=beta, reduction=reduction, normalize=normalize)
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)

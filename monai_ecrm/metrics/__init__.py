@@ -2,7 +2,9 @@
 
 Numerically equal (within 1e-4) to ``pysodmetrics``, the reference implementation of the evaluation used by the polyp
 segmentation papers (PraNet, DCRNet, Polyp-PVT). ``y_pred`` is the foreground probability map in [0, 1], ``y`` the
-binary mask; see :mod:`monai_ecrm.metrics.functional`. MAE is MONAI's ``MAEMetric``, exported here.
+binary mask; see :mod:`monai_ecrm.metrics.functional`. ``pysodmetrics`` min-max normalises every map before scoring;
+``normalize="minmax"`` does the same, the default ``None`` scores the maps as given. MAE is MONAI's ``MAEMetric``
+(maps as given), exported here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from monai_ecrm.metrics.evaluation import (
 )
 from monai_ecrm.metrics.functional import (
     E_MEASURE_MODES,
+    NORMALIZATIONS,
     OVERLAP_METRICS,
     OVERLAP_MODES,
     SUITE_KEYS,
@@ -32,12 +35,14 @@ from monai_ecrm.metrics.functional import (
     compute_polyp_metrics,
     compute_s_measure,
     compute_weighted_f_measure,
+    minmax_normalize,
     polyp_metric_suite,
 )
 from monai_ecrm.metrics.polyp_metrics import EMeasureMetric, PolypOverlapMetric, SMeasureMetric, WeightedFMeasureMetric
 
 __all__ = [
     "E_MEASURE_MODES",
+    "NORMALIZATIONS",
     "OVERLAP_METRICS",
     "OVERLAP_MODES",
     "ROW_FIELDS",
@@ -58,6 +63,7 @@ __all__ = [
     "compute_weighted_f_measure",
     "evaluate_folder",
     "markdown_table",
+    "minmax_normalize",
     "polyp_metric_suite",
     "read_grey",
     "score_pair",

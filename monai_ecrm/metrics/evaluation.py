@@ -2,8 +2,9 @@
 
 ``evaluate_folder`` scores a folder of saved prediction maps against a folder of masks, the way PraNet's and the
 later polyp papers' evaluation reads them (8-bit maps divided by 255 and min-max normalised, masks above 128);
-``summarize`` and ``write_tables`` turn per-image rows into the per-dataset table the papers print. The
-evaluation report handler writes its files with the same functions.
+``score_pair`` scores one pair, as given unless ``normalize="minmax"``; ``summarize`` and ``write_tables`` turn
+per-image rows into the per-dataset table the papers print. The evaluation report handler writes its files with the
+same functions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from monai_ecrm.metrics.functional import SUITE_KEYS, _pair_tensors, polyp_metric_suite
+from monai_ecrm.metrics.functional import SUITE_KEYS, _check_normalize, _pair_tensors, polyp_metric_suite
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -85,15 +86,6 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
     return array
 
 
-def _pred_map(grey: np.ndarray, normalize: bool) -> np.ndarray:
-    """An 8-bit prediction map as probabilities: divided by 255 and, with ``normalize``, min-max scaled (MATLAB's
-    ``mapminmax(im2double(...))``, what the reference does to every map it reads)."""
-    pred = grey / 255
-    if normalize and pred.max() != pred.min():
-        pred = (pred - pred.min()) / (pred.max() - pred.min())
-    return pred
-
-
 def _mask(grey: np.ndarray) -> np.ndarray:
     """Foreground above 128 of 255 (JPEG masks carry noise); a mask holding only 0 and 1 is taken as it is."""
     return grey > 0 if grey.max() <= 1 else grey > 128
@@ -114,7 +106,7 @@ def evaluate_folder(
     output_dir: str | os.PathLike | None = None,
     dataset: str | None = None,
     threshold: float = 0.5,
-    normalize: bool = True,
+    normalize: str | None = "minmax",
     pred_suffix: str = "",
     strict: bool = True,
 ) -> dict[str, Any]:
@@ -127,8 +119,10 @@ def evaluate_folder(
         dataset: the dataset's name in the tables; the name of ``gt_dir`` (or of its parent when it is called
             ``masks``) by default.
         threshold: binarisation of Dice, IoU, precision and recall (``map > threshold``).
-        normalize: min-max normalise each map, as the reference evaluation does (PraNet's test scripts save
-            normalised maps, so this changes nothing for them).
+        normalize: ``"minmax"`` (the default here: this function reproduces the papers' evaluation of saved maps)
+            stretches each map to span [0, 1], as the reference evaluation does (MATLAB's
+            ``mapminmax(im2double(...))``; PraNet's test scripts save normalised maps, so this changes nothing for
+            them); ``None`` scores the maps as saved.
         pred_suffix: a suffix the prediction names carry after the mask's name (``"_seg"`` for ``x_seg.png``).
         strict: raise when any mask has no readable prediction of its size; otherwise skip those, with a warning.
 
@@ -140,6 +134,7 @@ def evaluate_folder(
         ValueError: listing every missing, unreadable or mismatched file, when ``strict``; or when ``gt_dir`` holds
             no mask.
     """
+    _check_normalize(normalize)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for folder in (pred_dir, gt_dir):
         if not folder.is_dir():
@@ -163,7 +158,7 @@ def evaluate_folder(
             errors.append(f"{preds[stem]}: size {grey.shape} differs from the mask's {gt.shape} ({mask_path}).")
             continue
         rows.append({"dataset": name, "filename": str(mask_path), "height": gt.shape[0], "width": gt.shape[1]})
-        rows[-1].update(score_pair(_pred_map(grey, normalize), gt, threshold))
+        rows[-1].update(score_pair(grey, gt, threshold, normalize))
     if errors and strict:
         raise ValueError(f"{len(errors)} of {len(masks)} masks cannot be scored:\n" + "\n".join(errors))
     for message in errors:
@@ -174,7 +169,12 @@ def evaluate_folder(
     return {"per_image": rows, "summary": summary, "errors": errors}
 
 
-def score_pair(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor, threshold: float = 0.5) -> dict:
+def score_pair(
+    pred: np.ndarray | torch.Tensor,
+    gt: np.ndarray | torch.Tensor,
+    threshold: float = 0.5,
+    normalize: str | None = None,
+) -> dict:
     """The suite of one pair as a row: the scores of ``SUITE_KEYS`` (floats) and ``"e_measure_curve"`` (the
     image's E-phi over the 256 thresholds, a numpy array, for ``summarize``).
 
@@ -182,9 +182,12 @@ def score_pair(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor, t
         pred: ``(H, W)`` or ``(1, H, W)`` foreground probabilities in [0, 1] (``uint8``: divided by 255).
         gt: the mask, same shape (see :func:`~monai_ecrm.metrics.compute_polyp_metrics`).
         threshold: binarisation of Dice, IoU, precision and recall.
+        normalize: ``"minmax"`` stretches the map to span [0, 1] first, as ``pysodmetrics`` and the polyp papers'
+            evaluation do; ``None`` (default) scores it as given, so that the map of a frame without a polyp is not
+            stretched into one (see :mod:`monai_ecrm.metrics.functional`).
     """
     pred_map, gt_map = _pair_tensors(pred, gt)
-    scores = polyp_metric_suite(pred_map, gt_map, threshold=threshold, return_curve=True)
+    scores = polyp_metric_suite(pred_map, gt_map, threshold=threshold, return_curve=True, normalize=normalize)
     row: dict[str, Any] = {name: float(scores[name][0]) for name in SUITE_KEYS}
     row["e_measure_curve"] = scores["e_measure_curve"][0].cpu().numpy()
     return row

@@ -13,6 +13,13 @@ the reference implementation these functions equal within 1e-4):
   different sizes go one per call (MONAI's metrics do this when given lists of channel-first tensors).
 - An empty denominator gives 0 (a Dice of 0 when both the mask and the prediction are empty), as in
   ``pysodmetrics``.
+- ``normalize``: ``None`` (the default) scores each map as given. ``"minmax"`` first stretches each map to span
+  [0, 1], ``(map - min) / (max - min)``, and leaves a constant map as it is (:func:`minmax_normalize`): what
+  ``pysodmetrics`` (``normalize=True``) and the polyp papers' test scripts do to every map (MATLAB's ``mapminmax``),
+  so with it the suite equals theirs on maps that do not span [0, 1]. It is not the default because it changes what
+  a map says: the map of a frame without a polyp, low everywhere, would be stretched into a confident detection, and
+  a hesitant map of a polyp scored as a confident one. With ``"minmax"`` a map of any finite range is accepted; a
+  constant map must still lie in [0, 1].
 
 The passes over the pixels run on the device of ``y_pred``; the weighted F-measure's distance transform always
 runs on the CPU through ``scipy.ndimage`` (its nearest-foreground indices, ties included, must be those of the
@@ -35,6 +42,7 @@ __all__ = [
     "OVERLAP_MODES",
     "E_MEASURE_MODES",
     "SUITE_KEYS",
+    "NORMALIZATIONS",
     "compute_overlap",
     "compute_overlap_curve",
     "compute_e_measure_curve",
@@ -44,6 +52,7 @@ __all__ = [
     "compute_mae",
     "polyp_metric_suite",
     "compute_polyp_metrics",
+    "minmax_normalize",
 ]
 
 EPS = float(np.spacing(1))  # MATLAB's eps, the constant the reference formulas use
@@ -62,13 +71,32 @@ SUITE_KEYS = (
     "weighted_f_measure",
     "mae",
 )
+NORMALIZATIONS = (None, "minmax")
+"""Values of the ``normalize`` argument: score each map as given, or min-max normalise it first."""
 _LEVELS = 256  # thresholds k / 255, k = 0..255, of the dynamic curves
 _GAUSS_SIZE, _GAUSS_SIGMA = 7, 5.0  # MATLAB fspecial('gaussian', 7, 5) of the weighted F-measure
 _NUMPY_ON_CPU = True  # see _use_numpy; the tests switch it off to check the torch kernels against it
 
 
-def _prepare(y_pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checks the inputs and returns ``(pred, gt)`` as ``(B, H, W)`` tensors of one floating dtype."""
+def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
+    """Each map stretched to span [0, 1] over its last two axes, ``(map - min) / (max - min)``; a constant map is
+    returned as it is. The operations of ``pysodmetrics``' ``prepare_data``, so float64 maps give its values bit for
+    bit.
+
+    Args:
+        maps: floating maps ``(..., H, W)``.
+    """
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    span = maps.amax(dim=(-2, -1), keepdim=True) - low
+    varies = span > 0
+    stretched = (maps - low) / torch.where(varies, span, torch.ones_like(span))
+    return torch.where(varies, stretched, maps)
+
+
+def _prepare(y_pred: torch.Tensor, y: torch.Tensor, normalize: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks the inputs and returns ``(pred, gt)`` as ``(B, H, W)`` tensors of one floating dtype, ``pred``
+    min-max normalised with ``normalize="minmax"``."""
+    _check_normalize(normalize)
     if not isinstance(y_pred, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"y_pred and y must be torch tensors, got {type(y_pred).__name__} and {type(y).__name__}.")
     if y_pred.ndim != 4 or y_pred.shape[1] != 1:
@@ -84,6 +112,8 @@ def _prepare(y_pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
     pred = y_pred.detach()[:, 0]
     if pred.dtype not in (torch.float32, torch.float64):
         pred = pred.float()
+    if normalize == "minmax":
+        pred = minmax_normalize(pred)
     low, high = torch.aminmax(pred)
     low, high = float(low), float(high)
     if not (low >= 0.0 and high <= 1.0):  # also false for NaN
@@ -208,8 +238,19 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     return value
 
 
+def _check_normalize(normalize: str | None) -> str | None:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}.")
+    return normalize
+
+
 def compute_overlap(
-    y_pred: torch.Tensor, y: torch.Tensor, metric_name: str = "dice", threshold: float = 0.5, mode: str = "binary"
+    y_pred: torch.Tensor,
+    y: torch.Tensor,
+    metric_name: str = "dice",
+    threshold: float = 0.5,
+    mode: str = "binary",
+    normalize: str | None = None,
 ) -> torch.Tensor:
     """Dice, IoU, precision or recall of binarised probability maps, per image.
 
@@ -221,13 +262,15 @@ def compute_overlap(
         mode: ``"binary"`` (one threshold; what PraNet's and Polyp-PVT's Python evaluations report),
             ``"adaptive"`` (``y_pred >= min(2 * mean(y_pred), 1)``), or ``"mean"`` / ``"max"`` over the 256
             thresholds k / 255 (``"mean"`` is the "meanDic" of PraNet's MATLAB evaluation).
+        normalize: ``"minmax"`` stretches each map to span [0, 1] first, as ``pysodmetrics`` and the polyp papers'
+            evaluation do; ``None`` (default) scores it as given (see the module docstring).
 
     Returns:
         ``(B, 1)`` float64 scores; 0 where the denominator is 0.
     """
     _check_choice("metric_name", metric_name, OVERLAP_METRICS)
     _check_choice("mode", mode, OVERLAP_MODES)
-    pred, gt = _prepare(y_pred, y)
+    pred, gt = _prepare(y_pred, y, normalize)
     if mode in ("mean", "max"):
         tp, fp = _curves(_histogram(pred, gt))
         scores = _overlap_from_counts(metric_name, tp, tp + fp, tp[:, -1:])  # threshold 0 keeps every pixel
@@ -238,7 +281,9 @@ def compute_overlap(
     return _to_result(values, y_pred)
 
 
-def compute_e_measure(y_pred: torch.Tensor, y: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+def compute_e_measure(
+    y_pred: torch.Tensor, y: torch.Tensor, mode: str = "mean", normalize: str | None = None
+) -> torch.Tensor:
     """Enhanced-alignment measure E-phi per image (Fan et al., "Enhanced-alignment Measure for Binary Foreground
     Map Evaluation", IJCAI 2018).
 
@@ -247,12 +292,14 @@ def compute_e_measure(y_pred: torch.Tensor, y: torch.Tensor, mode: str = "mean")
         y: binary ground truth, ``(B, 1, H, W)``.
         mode: ``"mean"`` or ``"max"`` over the 256 thresholds k / 255 (the mean and max E-phi of PraNet's and
             Polyp-PVT's tables), or ``"adaptive"`` (threshold ``min(2 * mean(y_pred), 1)``).
+        normalize: ``"minmax"`` stretches each map to span [0, 1] first, as ``pysodmetrics`` and the polyp papers'
+            evaluation do; ``None`` (default) scores it as given (see the module docstring).
 
     Returns:
         ``(B, 1)`` float64 scores in [0, 1].
     """
     _check_choice("mode", mode, E_MEASURE_MODES)
-    pred, gt = _prepare(y_pred, y)
+    pred, gt = _prepare(y_pred, y, normalize)
     size = pred.shape[1] * pred.shape[2]
     if mode == "adaptive":
         tp, pred_pos, gt_pos = _count_above(pred, gt, None)
@@ -264,7 +311,9 @@ def compute_e_measure(y_pred: torch.Tensor, y: torch.Tensor, mode: str = "mean")
     return _to_result(values, y_pred)
 
 
-def compute_overlap_curve(y_pred: torch.Tensor, y: torch.Tensor, metric_name: str = "dice") -> torch.Tensor:
+def compute_overlap_curve(
+    y_pred: torch.Tensor, y: torch.Tensor, metric_name: str = "dice", normalize: str | None = None
+) -> torch.Tensor:
     """Dice, IoU, precision or recall of ``y_pred >= k / 255`` for k = 0..255, per image.
 
     PraNet's MATLAB evaluation reports the mean of this curve ("meanDic"); a dataset's max score is the maximum
@@ -274,18 +323,20 @@ def compute_overlap_curve(y_pred: torch.Tensor, y: torch.Tensor, metric_name: st
         y_pred: foreground probabilities in [0, 1], ``(B, 1, H, W)``.
         y: binary ground truth, ``(B, 1, H, W)``.
         metric_name: ``"dice"``, ``"iou"``, ``"precision"`` or ``"recall"``.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] first, as ``pysodmetrics`` and the polyp papers'
+            evaluation do; ``None`` (default) scores it as given (see the module docstring).
 
     Returns:
         ``(B, 256)`` float64, thresholds ascending.
     """
     _check_choice("metric_name", metric_name, OVERLAP_METRICS)
-    pred, gt = _prepare(y_pred, y)
+    pred, gt = _prepare(y_pred, y, normalize)
     tp, fp = _curves(_histogram(pred, gt))
     scores = _overlap_from_counts(metric_name, tp, tp + fp, tp[:, -1:])  # threshold 0 keeps every pixel
     return torch.as_tensor(scores[:, ::-1].copy(), device=y_pred.device)
 
 
-def compute_e_measure_curve(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def compute_e_measure_curve(y_pred: torch.Tensor, y: torch.Tensor, normalize: str | None = None) -> torch.Tensor:
     """E-phi of ``y_pred >= k / 255`` for k = 0..255, per image (Fan et al., IJCAI 2018).
 
     The polyp papers' mean and max E-phi of a dataset are the mean and the maximum of this curve averaged over
@@ -294,11 +345,13 @@ def compute_e_measure_curve(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tens
     Args:
         y_pred: foreground probabilities in [0, 1], ``(B, 1, H, W)``.
         y: binary ground truth, ``(B, 1, H, W)``.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] first, as ``pysodmetrics`` and the polyp papers'
+            evaluation do; ``None`` (default) scores it as given (see the module docstring).
 
     Returns:
         ``(B, 256)`` float64, thresholds ascending.
     """
-    pred, gt = _prepare(y_pred, y)
+    pred, gt = _prepare(y_pred, y, normalize)
     tp, fp = _curves(_histogram(pred, gt))
     curve = _e_measure_from_counts(tp, fp, tp[:, -1:], pred.shape[1] * pred.shape[2])
     return torch.as_tensor(curve[:, ::-1].copy(), device=y_pred.device)
@@ -405,7 +458,9 @@ def _s_measure_one(moments: _Moments, height: int, width: int, alpha: float) -> 
     return max(0.0, alpha * object_score + (1 - alpha) * region_score)
 
 
-def compute_s_measure(y_pred: torch.Tensor, y: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+def compute_s_measure(
+    y_pred: torch.Tensor, y: torch.Tensor, alpha: float = 0.5, normalize: str | None = None
+) -> torch.Tensor:
     """Structure measure S-alpha per image (Fan et al., "Structure-measure: A New Way to Evaluate Foreground
     Maps", ICCV 2017): ``alpha * object + (1 - alpha) * region`` structural similarity.
 
@@ -413,11 +468,13 @@ def compute_s_measure(y_pred: torch.Tensor, y: torch.Tensor, alpha: float = 0.5)
         y_pred: foreground probabilities in [0, 1], ``(B, 1, H, W)``.
         y: binary ground truth, ``(B, 1, H, W)``.
         alpha: weight of the object-aware term (0.5 in the polyp papers).
+        normalize: ``"minmax"`` stretches each map to span [0, 1] first, as ``pysodmetrics`` and the polyp papers'
+            evaluation do; ``None`` (default) scores it as given (see the module docstring).
 
     Returns:
         ``(B, 1)`` float64 scores in [0, 1]. An empty mask scores ``1 - mean(y_pred)``, a full one ``mean(y_pred)``.
     """
-    pred, gt = _prepare(y_pred, y)
+    pred, gt = _prepare(y_pred, y, normalize)
     values = [_s_measure_one(moments, *pred.shape[1:], alpha) for moments in _moments(pred, gt)]
     return _to_result(np.array(values), y_pred)
 
@@ -485,39 +542,49 @@ def _weighted_f_per_image(pred: torch.Tensor, gt: torch.Tensor, fg_counts: np.nd
     return np.where(fg_counts > 0, score, 0.0)
 
 
-def compute_weighted_f_measure(y_pred: torch.Tensor, y: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+def compute_weighted_f_measure(
+    y_pred: torch.Tensor, y: torch.Tensor, beta: float = 1.0, normalize: str | None = None
+) -> torch.Tensor:
     """Weighted F-measure F-beta-w per image (Margolin et al., "How to Evaluate Foreground Maps?", CVPR 2014).
 
     Args:
         y_pred: foreground probabilities in [0, 1], ``(B, 1, H, W)``.
         y: binary ground truth, ``(B, 1, H, W)``.
         beta: the weight of precision against recall, ``beta**2`` in the usual notation (1 in the polyp papers).
+        normalize: ``"minmax"`` stretches each map to span [0, 1] first, as ``pysodmetrics`` and the polyp papers'
+            evaluation do; ``None`` (default) scores it as given (see the module docstring).
 
     Returns:
         ``(B, 1)`` float64 scores in [0, 1]; 0 for an empty mask.
     """
-    pred, gt = _prepare(y_pred, y)
+    pred, gt = _prepare(y_pred, y, normalize)
     fg_counts = _as_host(_flat(gt).sum(1))
     return _to_result(_weighted_f_per_image(pred, gt, fg_counts, beta), y_pred)
 
 
-def compute_mae(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def compute_mae(y_pred: torch.Tensor, y: torch.Tensor, normalize: str | None = None) -> torch.Tensor:
     """Mean absolute error between the probability map and the mask per image (Perazzi et al., "Saliency Filters:
     Contrast Based Filtering for Salient Region Detection", CVPR 2012).
 
     Args:
         y_pred: foreground probabilities in [0, 1], ``(B, 1, H, W)``.
         y: binary ground truth, ``(B, 1, H, W)``.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] first, as ``pysodmetrics`` and the polyp papers'
+            evaluation do; ``None`` (default) scores it as given (see the module docstring).
 
     Returns:
         ``(B, 1)`` float64 errors in [0, 1].
     """
-    pred, gt = _prepare(y_pred, y)
+    pred, gt = _prepare(y_pred, y, normalize)
     return _to_result(_as_host(_flat((pred - gt).abs_()).sum(1)) / gt[0].numel(), y_pred)
 
 
 def polyp_metric_suite(
-    y_pred: torch.Tensor, y: torch.Tensor, threshold: float = 0.5, return_curve: bool = False
+    y_pred: torch.Tensor,
+    y: torch.Tensor,
+    threshold: float = 0.5,
+    return_curve: bool = False,
+    normalize: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The whole suite at once, sharing the passes over the pixels: the columns of the polyp papers' tables.
 
@@ -527,13 +594,15 @@ def polyp_metric_suite(
         threshold: binarisation of Dice, IoU, precision and recall (``y_pred > threshold``).
         return_curve: also return ``"e_measure_curve"``, ``(B, 256)`` (see ``compute_e_measure_curve``): a
             dataset's max E-phi is the maximum of the mean curve, not the mean of the images' maxima.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] first, as ``pysodmetrics`` and the polyp papers'
+            evaluation do; ``None`` (default) scores it as given (see the module docstring).
 
     Returns:
         ``{name: (B,) float64 tensor}`` for the names in ``SUITE_KEYS``: ``dice``, ``iou``, ``precision``,
         ``recall`` (binary), ``s_measure`` (alpha 0.5), ``e_measure_mean``, ``e_measure_max``,
         ``e_measure_adaptive`` (per image), ``weighted_f_measure`` (beta 1) and ``mae``.
     """
-    pred, gt = _prepare(y_pred, y)
+    pred, gt = _prepare(y_pred, y, normalize)
     height, width = pred.shape[1:]
     size = height * width
     moments = _moments(pred, gt)
@@ -568,7 +637,10 @@ def _as_map(array: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
 
 
 def compute_polyp_metrics(
-    pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor, threshold: float = 0.5
+    pred: np.ndarray | torch.Tensor,
+    gt: np.ndarray | torch.Tensor,
+    threshold: float = 0.5,
+    normalize: str | None = None,
 ) -> dict[str, float]:
     """The suite for one prediction and mask pair, usable outside an engine.
 
@@ -578,11 +650,13 @@ def compute_polyp_metrics(
         gt: the mask, same shape: ``bool``; ``uint8`` (foreground above 128, as the reference reads mask
             images); or float (foreground above 0.5).
         threshold: binarisation of Dice, IoU, precision and recall (``pred > threshold``).
+        normalize: ``"minmax"`` stretches each map to span [0, 1] first, as ``pysodmetrics`` and the polyp papers'
+            evaluation do; ``None`` (default) scores it as given (see the module docstring).
 
     Returns:
         ``{name: float}`` for the names in ``SUITE_KEYS``.
     """
-    scores = polyp_metric_suite(*_pair_tensors(pred, gt), threshold=threshold)
+    scores = polyp_metric_suite(*_pair_tensors(pred, gt), threshold=threshold, normalize=normalize)
     return {name: float(value[0]) for name, value in scores.items()}
 
 

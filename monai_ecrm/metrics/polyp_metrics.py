@@ -7,7 +7,8 @@ computed per image at the size they are given, then reduced like MONAI's metrics
 ``monai.metrics.MAEMetric``, exported here beside the others.
 
 The numbers equal those of ``pysodmetrics`` (the reference implementation of the salient-object and polyp papers'
-evaluation) within 1e-4; see :mod:`monai_ecrm.metrics.functional` for the conventions.
+evaluation) within 1e-4; see :mod:`monai_ecrm.metrics.functional` for the conventions. ``pysodmetrics`` min-max
+normalises every map first: ``normalize="minmax"`` does the same (the default, ``None``, scores the maps as given).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from monai_ecrm.metrics.functional import (
     OVERLAP_METRICS,
     OVERLAP_MODES,
     _check_choice,
+    _check_normalize,
     compute_e_measure,
     compute_e_measure_curve,
     compute_overlap,
@@ -41,12 +43,21 @@ class _PerImageMetric(CumulativeIterationMetric):
     Args:
         reduction: MONAI's reduction of the buffered ``(N, 1)`` scores, ``"mean"`` by default; ``"none"`` returns them.
         get_not_nans: also return the count of non-NaN scores.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] before scoring, as ``pysodmetrics`` and the polyp
+            papers' evaluation do; ``None`` (default) scores it as given, so that the map of a frame without a polyp
+            is not stretched into one (see :mod:`monai_ecrm.metrics.functional`).
     """
 
-    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
+    def __init__(
+        self,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+        normalize: str | None = None,
+    ) -> None:
         super().__init__()
         self.reduction = reduction
         self.get_not_nans = get_not_nans
+        self.normalize = _check_normalize(normalize)
 
     def aggregate(
         self, reduction: MetricReduction | str | None = None
@@ -111,6 +122,9 @@ class PolypOverlapMetric(_CurveMetric):
             ``"mean"`` / ``"max"`` of the curve over the 256 thresholds k / 255 averaged over the images.
         reduction: MONAI's reduction of the per-image scores (``"mean"``; ``"none"`` keeps them).
         get_not_nans: also return the count of non-NaN scores.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] before scoring, as ``pysodmetrics`` and the polyp
+            papers' evaluation do; ``None`` (default) scores it as given, so that the map of a frame without a polyp
+            is not stretched into one (see :mod:`monai_ecrm.metrics.functional`).
     """
 
     def __init__(
@@ -120,16 +134,17 @@ class PolypOverlapMetric(_CurveMetric):
         mode: str = "binary",
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
+        normalize: str | None = None,
     ) -> None:
-        super().__init__(reduction=reduction, get_not_nans=get_not_nans)
+        super().__init__(reduction=reduction, get_not_nans=get_not_nans, normalize=normalize)
         self.metric_name = _check_choice("metric_name", metric_name, OVERLAP_METRICS)
         self.threshold = threshold
         self.mode = _check_choice("mode", mode, OVERLAP_MODES)
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         if self.mode in ("mean", "max"):
-            return compute_overlap_curve(_require(y_pred, y), y, self.metric_name)
-        return compute_overlap(_require(y_pred, y), y, self.metric_name, self.threshold, self.mode)
+            return compute_overlap_curve(_require(y_pred, y), y, self.metric_name, self.normalize)
+        return compute_overlap(_require(y_pred, y), y, self.metric_name, self.threshold, self.mode, self.normalize)
 
 
 class SMeasureMetric(_PerImageMetric):
@@ -140,16 +155,23 @@ class SMeasureMetric(_PerImageMetric):
         alpha: weight of the object-aware term against the region-aware one (0.5 in the polyp papers).
         reduction: MONAI's reduction of the per-image scores (``"mean"``; ``"none"`` keeps them).
         get_not_nans: also return the count of non-NaN scores.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] before scoring, as ``pysodmetrics`` and the polyp
+            papers' evaluation do; ``None`` (default) scores it as given, so that the map of a frame without a polyp
+            is not stretched into one (see :mod:`monai_ecrm.metrics.functional`).
     """
 
     def __init__(
-        self, alpha: float = 0.5, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False
+        self,
+        alpha: float = 0.5,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+        normalize: str | None = None,
     ) -> None:
-        super().__init__(reduction=reduction, get_not_nans=get_not_nans)
+        super().__init__(reduction=reduction, get_not_nans=get_not_nans, normalize=normalize)
         self.alpha = alpha
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        return compute_s_measure(_require(y_pred, y), y, self.alpha)
+        return compute_s_measure(_require(y_pred, y), y, self.alpha, self.normalize)
 
 
 class EMeasureMetric(_CurveMetric):
@@ -161,18 +183,25 @@ class EMeasureMetric(_CurveMetric):
             and max E-phi of the polyp papers' tables), or ``"adaptive"`` (threshold ``min(2 * mean(y_pred), 1)``).
         reduction: MONAI's reduction of the per-image scores (``"mean"``; ``"none"`` keeps them).
         get_not_nans: also return the count of non-NaN scores.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] before scoring, as ``pysodmetrics`` and the polyp
+            papers' evaluation do; ``None`` (default) scores it as given, so that the map of a frame without a polyp
+            is not stretched into one (see :mod:`monai_ecrm.metrics.functional`).
     """
 
     def __init__(
-        self, mode: str = "mean", reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False
+        self,
+        mode: str = "mean",
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+        normalize: str | None = None,
     ) -> None:
-        super().__init__(reduction=reduction, get_not_nans=get_not_nans)
+        super().__init__(reduction=reduction, get_not_nans=get_not_nans, normalize=normalize)
         self.mode = _check_choice("mode", mode, E_MEASURE_MODES)
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         if self.mode in ("mean", "max"):
-            return compute_e_measure_curve(_require(y_pred, y), y)
-        return compute_e_measure(_require(y_pred, y), y, self.mode)
+            return compute_e_measure_curve(_require(y_pred, y), y, self.normalize)
+        return compute_e_measure(_require(y_pred, y), y, self.mode, self.normalize)
 
 
 class WeightedFMeasureMetric(_PerImageMetric):
@@ -184,16 +213,23 @@ class WeightedFMeasureMetric(_PerImageMetric):
         beta: the weight of precision against recall, ``beta**2`` in the usual notation (1 in the polyp papers).
         reduction: MONAI's reduction of the per-image scores (``"mean"``; ``"none"`` keeps them).
         get_not_nans: also return the count of non-NaN scores.
+        normalize: ``"minmax"`` stretches each map to span [0, 1] before scoring, as ``pysodmetrics`` and the polyp
+            papers' evaluation do; ``None`` (default) scores it as given, so that the map of a frame without a polyp
+            is not stretched into one (see :mod:`monai_ecrm.metrics.functional`).
     """
 
     def __init__(
-        self, beta: float = 1.0, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False
+        self,
+        beta: float = 1.0,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+        normalize: str | None = None,
     ) -> None:
-        super().__init__(reduction=reduction, get_not_nans=get_not_nans)
+        super().__init__(reduction=reduction, get_not_nans=get_not_nans, normalize=normalize)
         self.beta = beta
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        return compute_weighted_f_measure(_require(y_pred, y), y, self.beta)
+        return compute_weighted_f_measure(_require(y_pred, y), y, self.beta, self.normalize)
 
 
 def _require(y_pred: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

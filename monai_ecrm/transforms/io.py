@@ -24,6 +24,7 @@ sources.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Union
@@ -32,12 +33,15 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.data.folder_layout import FolderLayout, default_name_formatter
 from monai.transforms import InvertibleTransform, MapTransform, SaveImage
 
 from monai_ecrm.data.errors import DataError
 from monai_ecrm.data.image_io import PictureInfo, picture_meta, read_picture, swap_xy_affine
 
 __all__ = ["LoadPolypImage", "LoadPolypImaged", "SavePredictiond", "parse_label_mapping"]
+
+logger = logging.getLogger(__name__)
 
 LabelMapping = Union[Mapping[Any, int], Sequence[Sequence[Any]]]
 
@@ -275,21 +279,24 @@ class LoadPolypImaged(MapTransform, InvertibleTransform):
 
 
 class SavePredictiond(MapTransform):
-    """Save predictions at their source's size in the source's format family, with MONAI's ``SaveImage``.
+    """Save predictions at their source's size in the source's format family.
 
-    PNG for 2D pictures (PNG, JPEG, BMP, TIFF, DICOM sources), NIfTI (with the source's affine, shape
-    ``(x, y, 1, 1)``) for NIfTI sources.
-    Binary masks are written as 0/255 PNGs (0/1 in NIfTI); multi-class maps as class indices. The input must be in
-    MONAI's reader layout, which ``Invertd`` with a preset gives (see
-    :func:`monai_ecrm.transforms.infer_postprocessing`).
-    A frame of a multi-frame file is written as ``<stem>_frame0003_<postfix>.png``.
+    PNG (MONAI's ``SaveImage``) for 2D pictures (PNG, JPEG, BMP, TIFF, DICOM sources). NIfTI (nibabel) for NIfTI
+    sources, in the source's own voxel layout: the source's affine, and the source's shape without its channel axis
+    (``(549, 530)`` for a ``(549, 530)`` or an RGB ``(549, 530, 3)`` source, ``(x, y, 1, 1)`` for ``(x, y, 1, 1)`` or
+    ``(x, y, 1, 1, 3)``; ``stored_spatial_ndim`` of :func:`monai_ecrm.data.picture_meta`).
+    Binary masks are ``uint8`` 0/255 in both formats; probabilities 0..255 PNGs or float32 NIfTI in ``[0, 1]``;
+    multi-class maps ``uint8`` class indices. The input must be in MONAI's reader layout, which ``Invertd`` with a
+    preset gives (see :func:`monai_ecrm.transforms.infer_postprocessing`).
+    Outputs are named as ``SaveImage`` names them; a frame of a multi-frame file is written as
+    ``<stem>_frame0003_<postfix>.png``.
 
     Args:
         keys: keys of the predictions, ``[C, W, H]`` MetaTensors carrying their source's metadata.
         output_dir: folder to write to.
         output_postfix: appended to the source's file stem.
         output_ext: ``"auto"`` (by the source's format, as above) or a fixed extension such as ``".png"``.
-        num_classes: 1 for binary masks (scaled to 0/255 in PNG), more for class-index maps (written as is).
+        num_classes: 1 for binary masks (written as 0/255), more for class-index maps (written as is).
         separate_folder: one folder per source file, as ``SaveImage`` does.
         data_root_dir: keep the source's sub-folders below this folder in the output (see ``SaveImage``).
         print_log: log every written file.
@@ -328,17 +335,46 @@ class SavePredictiond(MapTransform):
     def _saver(self, ext: str) -> SaveImage:
         if ext not in self._savers:
             binary_png = self.num_classes == 1 and ext.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-            # MONAI 1.6's NibabelWriter fails on squeezed 2D data (SpatialResample gets spatial_size None), so
-            # NIfTI predictions keep their singleton axes: shape (x, y, 1, 1), the source's 2D grid and affine.
-            nifti = ext.lower() in (".nii", ".nii.gz")
             self._savers[ext] = SaveImage(
-                output_ext=ext,
-                output_dtype=np.float32 if self.probabilities and nifti else np.uint8,
-                scale=255 if binary_png else None,
-                squeeze_end_dims=not nifti,
-                **self.options,
+                output_ext=ext, output_dtype=np.uint8, scale=255 if binary_png else None, **self.options
             )
         return self._savers[ext]
+
+    def _save_nifti(self, prediction: Any, ext: str) -> None:
+        """Write with nibabel: MONAI 1.6's ``NibabelWriter`` fails on 2D data without singleton axes
+        (``SpatialResample`` gets ``spatial_size`` None), and the shape must be the source's."""
+        import nibabel
+
+        meta = prediction.meta if isinstance(prediction, MetaTensor) else {}
+        array = prediction.detach().cpu().numpy() if isinstance(prediction, torch.Tensor) else np.asarray(prediction)
+        if array.ndim != 3 or array.shape[0] != 1:
+            raise ValueError(f"expected a one-channel prediction [1, W, H] to write as NIfTI, got {array.shape}")
+        spatial_ndim = int(meta.get("stored_spatial_ndim", 2))
+        voxels = array[0].reshape(array.shape[1:] + (1,) * (spatial_ndim - 2))
+        if self.probabilities:
+            voxels = voxels.astype(np.float32)
+        elif self.num_classes == 1:
+            voxels = np.where(voxels > 0.5, 255, 0).astype(np.uint8)
+        else:
+            voxels = np.around(voxels).astype(np.uint8)
+        affine = prediction.affine if isinstance(prediction, MetaTensor) else meta.get("affine", np.eye(4))
+        affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu())
+        image = nibabel.Nifti1Image(voxels, affine)
+        image.set_sform(affine, code=1)  # scanner coordinates, as MONAI's NibabelWriter writes them
+        image.set_qform(affine, code=1)
+        options = self.options
+        layout = FolderLayout(  # the names SaveImage gives
+            output_dir=options["output_dir"],
+            postfix=options["output_postfix"],
+            extension=ext,
+            parent=options["separate_folder"],
+            makedirs=True,
+            data_root_dir=options["data_root_dir"],
+        )
+        filename = layout.filename(**default_name_formatter(meta, self))
+        nibabel.save(image, filename)
+        if options["print_log"]:
+            logger.info("file written: %s", filename)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -348,5 +384,8 @@ class SavePredictiond(MapTransform):
             ext = self.output_ext
             if ext == "auto":
                 ext = ".nii.gz" if meta.get("source_format") == "nifti" else ".png"
-            d[key] = self._saver(ext)(prediction)
+            if ext.lower() in (".nii", ".nii.gz"):
+                self._save_nifti(prediction, ext)
+            else:
+                d[key] = self._saver(ext)(prediction)
         return d
