@@ -1,0 +1,242 @@
+"""The accuracy study's confirmation runs *through the bundle* (issue #15): ``train.json`` via ``monai.bundle run``
+with overrides (network, length, size, seed, bf16), then ``evaluate.json`` on the PraNet test sets at original size
+and on the validation split; the numbers are those of the artefact a user trains.
+
+Models (one recipe for all three, stated in ``RECIPE``; the ECRM variant's bundle overrides by ``--ecrm``):
+
+- ``ecrm``: ``ECRMUNet`` with the selected ECRM options;
+- ``no_ecrm``: the same network without ECRM (``--use_ecrm False``);
+- ``flexunet``: MONAI's ``FlexibleUNet`` with the same encoder (the bundle's ECRM handlers do nothing for it).
+
+Data: one fixed datalist JSON (``monai_ecrm.data.pranet_datalist``: the PraNet training lists with a fixed 10 %
+held out, the test lists under ``test``), written once into the work directory, so the seed changes initialisation
+and order, never the split. The bundle's seeded determinism replaces the accuracy script's step-level batch identity
+across models (each model sees the same shuffling for a seed only as far as its random draws coincide).
+
+Length: ``--epochs`` epochs of ``floor(training pairs / batch)`` iterations (at batch 8, 163 per epoch: 10 epochs =
+1630 steps); the cosine schedule runs per iteration over the whole run.
+
+Each run is a folder ``<model>-seed<k>`` holding a copy of the bundle (its ``models/``, ``logs/``, ``eval/``), the
+commands run, their logs and ``result.json`` (the schema of ``polyp_accuracy.py``'s results, so that
+``python benchmarks/polyp_accuracy.py --merge-only --work-dir DIR`` tables them). Reruns resume an interrupted
+training (``--resume_from latest``) and skip finished steps.
+
+Example (the study's confirmation)::
+
+    OMP_NUM_THREADS=2 python benchmarks/bundle_study.py --work-dir /work/runs/bundle256 --models ecrm,no_ecrm,flexunet \\
+        --seeds 0,1,2 --size 256 --epochs 10 --bf16 --ecrm "memory_stride=16,prototypes=label,background_tokens=True"
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "polyp_ecrm"
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+#: one training recipe for every model: the accuracy protocol's (AdamW 1e-3, weight decay 0.01, flips only)
+RECIPE = {
+    "learning_rate": 1e-3,
+    "weight_decay": 0.01,
+    "batch_size": 8,
+    "val_batch_size": 16,
+    "backbone": "efficientnet-lite0",
+    "aux_weight": 0.4,
+    "train#preprocessing#affine_prob": 0.0,
+    "train#preprocessing#intensity_prob": 0.0,
+    "progress_bar": False,
+    "num_workers": 0,
+}
+SUITE_COLUMNS = None  # read from summary.csv
+
+
+def _overrides(values: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in values.items():
+        out += [f"--{key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    return out
+
+
+def _model_overrides(model: str, ecrm: dict[str, Any], size: int) -> dict[str, Any]:
+    if model == "ecrm":
+        return {"ecrm_channels": 320, **ecrm}
+    if model == "no_ecrm":
+        return {"use_ecrm": False}
+    if model == "flexunet":
+        network = {
+            "_target_": "FlexibleUNet",
+            "in_channels": 3,
+            "out_channels": 1,
+            "backbone": "@backbone",
+            "pretrained": "@pretrained",
+        }
+        return {"use_ecrm": False, "network_def": network}
+    raise ValueError(model)
+
+
+def _run(command: list[str], log: Path, threads: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    with open(log, "a") as handle:
+        handle.write(f"\n$ {' '.join(command)}\n")
+        handle.flush()
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    if result.returncode != 0:
+        sys.exit(f"command failed ({result.returncode}), see {log}: {' '.join(command)}")
+
+
+def _summary(report_dir: Path) -> dict[str, dict[str, Any]]:
+    rows = list(csv.DictReader(open(report_dir / "summary.csv")))
+    out = {}
+    for row in rows:
+        name = row.pop("dataset")
+        out[name] = {key: (int(value) if key == "images" else float(value)) for key, value in row.items() if value}
+    return out
+
+
+def run_one(model: str, seed: int, args: argparse.Namespace, datalist: Path) -> dict[str, Any]:
+    name = f"{model}-seed{seed}"
+    run_dir = args.work_dir / name
+    result_path = run_dir / "result.json"
+    ecrm = dict(args.ecrm) if model == "ecrm" else {}
+    config = {
+        "model": f"ecrm/{args.variant}" if model == "ecrm" and args.variant else model,
+        "init": "pretrained",
+        "seed": seed,
+        "size": args.size,
+        "epochs": args.epochs,
+        "bf16": args.bf16,
+        "recipe": RECIPE,
+        "ecrm_options": ecrm,
+        "datalist": str(datalist),
+    }
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+        if result.get("bundle_config") == config:
+            print(f"[bundle-study] {name}: finished run reused", flush=True)
+            return result
+    bundle = run_dir / "polyp_ecrm"
+    if not bundle.is_dir():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval", "demo_data", "logs", "runs"))
+        (run_dir / "config.json").write_text(json.dumps(config, indent=1))
+    elif json.loads((run_dir / "config.json").read_text()) != config:
+        sys.exit(f"{run_dir}: made with another configuration; use another --work-dir")
+    values = {
+        **RECIPE,
+        "dataset_dir": str(datalist),
+        "spatial_size": args.size,
+        "max_epochs": args.epochs,
+        "seed": seed,
+        "bf16": args.bf16,
+        **_model_overrides(model, ecrm, args.size),
+    }
+    configs = bundle / "configs"
+    base = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(bundle)]
+    log = run_dir / "run.log"
+    tic = time.perf_counter()
+    if not (bundle / "models" / "checkpoint_final.pt").is_file():
+        resume = ["--resume_from", "latest"] if any((bundle / "models").glob("checkpoint_epoch=*.pt")) else []
+        _run([*base, "--config_file", str(configs / "train.json"), *_overrides(values), *resume], log, args.threads)
+    train_seconds = time.perf_counter() - tic
+    both = str([str(configs / "train.json"), str(configs / "evaluate.json")])
+    summaries = {}
+    for eval_list, out in (("test", "eval_test"), ("validation", "eval_val")):
+        report = bundle / out / "report"
+        if not (report / "summary.csv").is_file():
+            extra = {"output_dir": str(bundle / out), "eval_list": eval_list}
+            _run([*base, "--config_file", both, *_overrides({**values, **extra})], log, args.threads)
+        summaries.update(_summary(report))
+    summary = {("val" if key == "validation" else key): value for key, value in summaries.items() if key != "overall"}
+    checkpoint_trainer = _trainer_state(bundle / "models" / "checkpoint_final.pt")
+    result = {
+        "run": name,
+        "bundle_config": config,
+        "config": {
+            "model": config["model"],
+            "init": "pretrained",
+            "seed": seed,
+            "backbone": RECIPE["backbone"],
+            "size": args.size,
+            "batch_size": RECIPE["batch_size"],
+            "lr": RECIPE["learning_rate"],
+            "weight_decay": RECIPE["weight_decay"],
+            "aux_weight": RECIPE["aux_weight"] if model == "ecrm" else 0.0,
+            "augment": "flips",
+            "amp": "bf16" if args.bf16 else "fp32",
+            "bn_refresh": True,
+            "protocol": "bundle",
+            "bank_size": ecrm.get("bank_size", 20),
+            "ecrm_channels": 320,
+            **({"ecrm_options": ecrm} if ecrm else {}),
+        },
+        "model": config["model"],
+        "init": "pretrained",
+        "seed": seed,
+        "size": args.size,
+        "batch_size": RECIPE["batch_size"],
+        "steps": checkpoint_trainer.get("iteration"),
+        "train_images": None,
+        "val_images": summary.get("val", {}).get("images"),
+        "train_images_per_s": None,
+        "wall_seconds": round(train_seconds, 1),
+        "summary": summary,
+        "val_loss": [],
+        "per_image": {},
+    }
+    result_path.write_text(json.dumps(result, indent=1))
+    print(f"[bundle-study] {name}: done, " + ", ".join(f"{k} {v['dice']:.3f}" for k, v in summary.items()), flush=True)
+    return result
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    import torch
+
+    return dict(torch.load(path, map_location="cpu", weights_only=True).get("trainer", {}))
+
+
+def _parse_options(text: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        options[key] = json.loads(value.lower()) if value.lower() in ("true", "false", "null") else (
+            int(value) if value.isdigit() else value
+        )
+    return options
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--models", default="ecrm,no_ecrm,flexunet")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU AMX)")
+    parser.add_argument("--ecrm", default="", help="ECRM bundle overrides, e.g. 'memory_stride=16,prototypes=label'")
+    parser.add_argument("--variant", default="", help="name of the ECRM variant in the tables")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    args = parser.parse_args()
+    args.ecrm = _parse_options(args.ecrm)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    datalist = args.work_dir / "pranet.json"
+    if not datalist.is_file():
+        from monai_ecrm.bundle import write_pranet_datalist
+
+        write_pranet_datalist(args.data, datalist)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for model in args.models.split(","):
+            run_one(model, seed, args, datalist)
+
+
+if __name__ == "__main__":
+    main()
