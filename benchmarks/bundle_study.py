@@ -23,7 +23,8 @@ training (``--resume_from latest``) and skip finished steps.
 
 Example (the study's confirmation)::
 
-    OMP_NUM_THREADS=2 python benchmarks/bundle_study.py --work-dir /work/runs/bundle256 --models ecrm,no_ecrm,flexunet \\
+    OMP_NUM_THREADS=2 python benchmarks/bundle_study.py --work-dir /work/runs/bundle256 \\
+        --models ecrm,no_ecrm,flexunet \\
         --seeds 0,1,2 --size 256 --epochs 10 --bf16 --ecrm "memory_stride=16,prototypes=label,background_tokens=True"
 """
 
@@ -207,8 +208,10 @@ def _parse_options(text: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
-        options[key] = json.loads(value.lower()) if value.lower() in ("true", "false", "null") else (
-            int(value) if value.isdigit() else value
+        options[key] = (
+            json.loads(value.lower())
+            if value.lower() in ("true", "false", "null")
+            else (int(value) if value.isdigit() else value)
         )
     return options
 

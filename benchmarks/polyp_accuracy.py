@@ -524,6 +524,45 @@ def evaluate(net: nn.Module, datasets: dict[str, list[dict[str, Any]]], args: ar
     return {"summary": summary, "per_image": per_image}
 
 
+def light_dice(
+    nets: Sequence[nn.Module], datasets: dict[str, list[dict[str, Any]]], args: argparse.Namespace
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Mean Dice of the 0.5-thresholded map at original size for each of ``nets`` on every set (cheaper than the
+    suite, computed the same way for all), and the mean absolute difference of the first two nets' probabilities at
+    the input size (empty when there is one net)."""
+    preprocessing = full_size_eval_transforms(args.size, normalization=args.normalization)
+    postprocessing = full_size_eval_postprocessing(preprocessing)
+    device = torch.device(args.device)
+    for net in nets:
+        net.to(device).eval()
+
+    def dice(sample: dict[str, Any], prob: torch.Tensor) -> float:
+        sample = postprocessing({**sample, "pred": prob})
+        pred, gt = (torch.as_tensor(sample[key])[0] > 0.5 for key in ("pred", "gt"))
+        total = int(pred.sum()) + int(gt.sum())
+        return 2.0 * int((pred & gt).sum()) / total if total else 0.0
+
+    dices: list[dict[str, float]] = [{} for _ in nets]
+    changes: dict[str, float] = {}
+    with torch.no_grad():
+        for name, items in datasets.items():
+            per_net: list[list[float]] = [[] for _ in nets]
+            diffs = []
+            for item in items:
+                sample = preprocessing(dict(item))
+                image = sample["image"][None].to(device)
+                probs = [torch.sigmoid(net(image)[0].float()).cpu() for net in nets]
+                if len(probs) > 1:
+                    diffs.append(float((probs[0] - probs[1]).abs().mean()))
+                for scores, prob in zip(per_net, probs):
+                    scores.append(dice(sample, prob))
+            for index, scores in enumerate(per_net):
+                dices[index][name] = float(np.mean(scores)) if scores else float("nan")
+            if diffs:
+                changes[name] = float(np.mean(diffs))
+    return dices, changes
+
+
 def memory_use(
     net: nn.Module, datasets: dict[str, list[dict[str, Any]]], evaluation: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -536,40 +575,15 @@ def memory_use(
     ecrm = net.ecrm
     emptied = copy.deepcopy(net).eval()
     emptied.ecrm.memory.reset()
-    preprocessing = full_size_eval_transforms(args.size, normalization=args.normalization)
-    postprocessing = full_size_eval_postprocessing(preprocessing)
-    device = torch.device(args.device)
-    emptied.to(device)
-    result: dict[str, Any] = {
+    (full, empty), changes = light_dice([net, emptied], datasets, args)
+    return {
         "context_gate": float(ecrm.context_gate.detach().reshape(-1)[0]) if getattr(ecrm, "gated", False) else None,
         "fuse_context_weight_norm": float(ecrm.fuse_context.weight.detach().norm()),
         "fuse_features_weight_norm": float(ecrm.fuse_features.weight.detach().norm()),
-        "dice": {},
-        "dice_memory_emptied": {},
-        "mean_abs_prob_change": {},
+        "dice": full,
+        "dice_memory_emptied": empty,
+        "mean_abs_prob_change": changes,
     }
-
-    def dice(sample: dict[str, Any], prob: torch.Tensor) -> float:
-        sample = postprocessing({**sample, "pred": prob})
-        pred, gt = (torch.as_tensor(sample[key])[0] > 0.5 for key in ("pred", "gt"))
-        total = int(pred.sum()) + int(gt.sum())
-        return 2.0 * int((pred & gt).sum()) / total if total else 0.0
-
-    with torch.no_grad():
-        for name, items in datasets.items():
-            full_dice, empty_dice, changes = [], [], []
-            for item in items:
-                sample = preprocessing(dict(item))
-                image = sample["image"][None].to(device)
-                full = torch.sigmoid(net(image)[0].float()).cpu()
-                empty = torch.sigmoid(emptied(image)[0].float()).cpu()
-                changes.append(float((full - empty).abs().mean()))
-                full_dice.append(dice(sample, full))
-                empty_dice.append(dice(sample, empty))
-            result["dice"][name] = float(np.mean(full_dice)) if items else None
-            result["dice_memory_emptied"][name] = float(np.mean(empty_dice)) if items else None
-            result["mean_abs_prob_change"][name] = float(np.mean(changes)) if items else None
-    return result
 
 
 # ------------------------------------------------------------------------------------------------------------- runs
@@ -613,11 +627,19 @@ def run_one(
         return None
     tic = time.perf_counter()
     refreshed, bn_images = None, None
+    bn_effect = None
     if args.bn_refresh:
-        # BatchNorm statistics recomputed with the final weights (memory frozen), before the memory refresh
+        # BatchNorm statistics recomputed with the final weights (memory frozen), before the memory refresh; the
+        # light Dice before and after it is kept (the random-init before/after table)
+        before = None
+        if args.bn_effect:
+            (before,), _ = light_dice([net], datasets, args)
+            net.train()
         loader = torch.utils.data.DataLoader(data.memory_images(), batch_size=16, shuffle=False)
         bn_images = refresh_batchnorm(net, loader, device=torch.device(args.device))
         _log(run_dir, f"BatchNorm statistics recomputed over {bn_images} training images")
+        if before is not None:
+            bn_effect = {"dice_before": before}
     if model == "ecrm":
         # the ring keeps only the last bank_size prototypes: forwarding the other training images would change nothing
         images = data.memory_images()
@@ -631,6 +653,8 @@ def run_one(
     evaluation = evaluate(net, datasets, args)
     eval_seconds = time.perf_counter() - tic
     usage = memory_use(net, datasets, evaluation, args) if model == "ecrm" else None
+    if bn_effect is not None:
+        (bn_effect["dice_after"],), _ = light_dice([net], datasets, args)
     train_seconds = sum(segment["train_seconds"] for segment in state["segments"])
     losses = state["losses"]
     result = {
@@ -651,6 +675,7 @@ def run_one(
         "data_cache_seconds": round(data.cache_seconds, 3),
         "memory_refreshed_images": refreshed,
         "bn_refreshed_images": bn_images,
+        "bn_refresh_effect": bn_effect,
         "memory_use": usage,
         "final_loss_mean_last_10pct": float(np.mean(losses[-max(1, len(losses) // 10) :])),
         "val_loss": state["val_loss"],
@@ -904,8 +929,11 @@ def markdown(entries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, 
             "of mean Dice (0.5 threshold, original size) and mean absolute change of the probabilities, per set "
             "(mean over seeds). A memory the network ignores changes nothing.",
             "",
-            "| Model | Init | Gate | " + " | ".join(f"ΔDice {n}" for n in names)
-            + " | " + " | ".join(f"Δprob {n}" for n in names) + " |",
+            "| Model | Init | Gate | "
+            + " | ".join(f"ΔDice {n}" for n in names)
+            + " | "
+            + " | ".join(f"Δprob {n}" for n in names)
+            + " |",
             "|---|---|---:|" + "---:|" * (2 * len(names)),
         ]
         for entry in used:
@@ -1069,6 +1097,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("auto", "yes", "no"),
         default="auto",
         help="ECRM: attend before writing in training (auto: yes for label prototypes)",
+    )
+    add(
+        "--bn-effect",
+        action="store_true",
+        help="with --bn-refresh: also record the 0.5-threshold mDice before and after the BatchNorm refresh",
     )
     add("--amp", choices=("fp32", "bf16"), default="fp32", help="training precision: bf16 autocast (CPU AMX) or fp32")
     add(

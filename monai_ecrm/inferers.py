@@ -32,7 +32,9 @@ class AutocastInferer(Inferer):
         super().__init__()
         if isinstance(dtype, str):
             if dtype.lower() not in _DTYPES:
-                raise ValueError(f"AutocastInferer: dtype must be one of {sorted(_DTYPES)} or a torch dtype, got {dtype!r}.")
+                raise ValueError(
+                    f"AutocastInferer: dtype must be one of {sorted(_DTYPES)} or a torch dtype, got {dtype!r}."
+                )
             dtype = _DTYPES[dtype.lower()]
         self.dtype = dtype
         self.enabled = bool(enabled) and dtype is not None

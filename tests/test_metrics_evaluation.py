@@ -90,3 +90,33 @@ def test_summary_has_one_row_per_dataset_and_an_overall_row():
     assert [(row["dataset"], row["images"]) for row in summary] == [("A", 2), ("B", 1), ("overall", 3)]
     assert summary[0]["dice"] == pytest.approx(0.3) and summary[2]["mae"] == pytest.approx(1.6 / 3)
     assert markdown_table(summary).count("\n") == 5, "header, rule and three rows"
+
+
+def test_polyp_free_frames_are_counted_apart_with_their_false_positives(tmp_path):
+    """A false positive on a frame without a polyp is invisible in the mean Dice (0 either way): the summary says how
+    many polyp-free frames there were and how many of them got a false positive."""
+    from monai_ecrm.metrics.evaluation import score_pair, write_tables
+
+    polyp = np.zeros((16, 16), dtype=np.float32)
+    polyp[4:10, 4:10] = 1.0
+    empty = np.zeros((16, 16), dtype=np.float32)
+    speck = empty.copy()
+    speck[0, 0] = 0.9
+    pairs = [(polyp, polyp), (empty, empty), (speck, empty), (empty, empty)]
+    rows = [
+        {"dataset": "clip", "filename": f"f{i}.png", "height": 16, "width": 16, **score_pair(p, g)}
+        for i, (p, g) in enumerate(pairs)
+    ]
+    summary = summarize(rows)[0]
+    assert summary["polyp_free_images"] == 3
+    assert summary["polyp_free_false_positive_rate"] == pytest.approx(1 / 3)
+    paths = write_tables(rows, tmp_path)
+    written = next(csv.DictReader(open(paths["summary_csv"])))
+    assert written["polyp_free_images"] == "3" and float(written["polyp_free_false_positive_rate"]) == pytest.approx(
+        1 / 3
+    )
+    assert "Polyp-free frames" in paths["summary_md"].read_text()
+    # a set with polyps only says so (NaN rate) and adds no polyp-free table
+    only = summarize(rows[:1])[0]
+    assert only["polyp_free_images"] == 0 and np.isnan(only["polyp_free_false_positive_rate"])
+    assert "Polyp-free" not in markdown_table(summarize(rows[:1]))

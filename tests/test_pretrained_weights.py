@@ -179,7 +179,9 @@ def test_rgb_weights_serve_a_one_channel_encoder():
         actual = grey_encoder(grey)
     # activations reach the hundreds: float32 summation order alone moves them by ~1e-3, so compare relatively
     scale = expected.abs().max()
-    assert (actual - expected).abs().max() <= 1e-5 * scale + 1e-5, "a grey picture must look to the encoder like its RGB copy"
+    assert (actual - expected).abs().max() <= 1e-5 * scale + 1e-5, (
+        "a grey picture must look to the encoder like its RGB copy"
+    )
 
 
 def test_refuses_pickled_modules(tmp_path):

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_fixtures import items, tiny_net
 from monai.engines import SupervisedTrainer
 from monai.losses import DiceCELoss
 from monai.networks.nets import FlexibleUNet
+from test_bundle import BUNDLE, CONFIGS, TINY, bundle_run
 from torch.utils.data import DataLoader
 
-from engine_fixtures import items, tiny_net
 from monai_ecrm.handlers import (
     AuxSupervisionHandler,
     BatchNormRefreshHandler,
@@ -27,7 +28,6 @@ from monai_ecrm.handlers import (
     refresh_batchnorm,
 )
 from monai_ecrm.inferers import AutocastInferer
-from test_bundle import BUNDLE, CONFIGS, TINY, bundle_run
 
 FLAT_LR = ["--train#handlers#0#_disabled_", "True"]  # no schedule: a constant rate that no max_epochs changes
 
@@ -167,8 +167,10 @@ def test_batchnorm_refresh_recomputes_statistics_and_leaves_memory_flags_and_rng
         net.train()
         net(torch.randn(2, 3, 32, 32))  # fill the memory
     net.eval()
-    norm = net.encoder.bn1 if hasattr(net.encoder, "bn1") else next(
-        m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    norm = (
+        net.encoder.bn1
+        if hasattr(net.encoder, "bn1")
+        else next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     )
     norm.running_mean.fill_(100.0)
     memory = {k: v.clone() for k, v in net.ecrm.memory.state_dict().items()}
@@ -195,6 +197,7 @@ def test_batchnorm_refresh_recomputes_statistics_and_leaves_memory_flags_and_rng
     with torch.no_grad():
         for batch in loader:
             reference(batch["image"])
-    torch.testing.assert_close(norm.running_mean, dict(reference.named_modules())[
-        next(n for n, m in net.named_modules() if m is norm)
-    ].running_mean)
+    torch.testing.assert_close(
+        norm.running_mean,
+        dict(reference.named_modules())[next(n for n, m in net.named_modules() if m is norm)].running_mean,
+    )

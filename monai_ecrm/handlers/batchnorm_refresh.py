@@ -79,7 +79,9 @@ def refresh_batchnorm(
         device = parameter.device if parameter is not None else torch.device("cpu")
     modes = {module: module.training for module in network.modules()}
     momenta = {norm: norm.momentum for norm in norms}
-    saved = {norm: (norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone()) for norm in norms}
+    saved = {
+        norm: (norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone()) for norm in norms
+    }
     images = 0
     from monai_ecrm.handlers.memory_refresh import untouched_random_state
 

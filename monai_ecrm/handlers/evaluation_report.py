@@ -17,7 +17,7 @@ from monai.handlers import from_engine
 from monai.utils import IgniteInfo, min_version, optional_import
 from PIL import Image, ImageDraw
 
-from monai_ecrm.metrics.evaluation import summarize, write_tables
+from monai_ecrm.metrics.evaluation import foreground_counts, summarize, write_tables
 from monai_ecrm.metrics.functional import SUITE_KEYS, _check_normalize, minmax_normalize, polyp_metric_suite
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -165,6 +165,7 @@ class EvaluationReport:
         row: dict[str, Any] = {"dataset": dataset, "filename": filename, "height": height, "width": width}
         row.update({name: float(scores[name][0]) for name in SUITE_KEYS})
         row["e_measure_curve"] = scores["e_measure_curve"][0].cpu().numpy()  # for the dataset's max E-phi
+        row.update(foreground_counts(pred, label, self.threshold))  # polyp-free frames, counted apart
         self.rows.append(row)
         if self.worst_k > 0:
             self._keep_if_worst(row, len(self.rows) - 1, pred, label, self._image(output, batch))

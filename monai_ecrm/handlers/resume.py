@@ -238,7 +238,8 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "*.pt", key: s
     a file whose name does not contain ``final`` wins over one that does: ``CheckpointSaver`` writes the last epoch's
     checkpoint before the end-of-training refreshes (BatchNorm statistics, ECRM memory) and ``checkpoint_final.pt``
     after them, so resuming from the epoch file continues exactly the state training had (a resumed run then ends
-    like an uninterrupted one), while the final file serves deployment. Otherwise the newer file wins. Usable as the bundle's resume path:
+    like an uninterrupted one), while the final file serves deployment. Otherwise the newer file wins. Usable as the
+    bundle's resume path:
     ``"load_path": "$monai_ecrm.handlers.resume.latest_checkpoint(@ckpt_dir)"``.
 
     Args:

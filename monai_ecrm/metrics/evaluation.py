@@ -25,7 +25,9 @@ from monai_ecrm.metrics.functional import SUITE_KEYS, _check_normalize, _pair_te
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "POLYP_FREE_FIELDS",
     "ROW_FIELDS",
+    "foreground_counts",
     "TABLE_HEADERS",
     "evaluate_folder",
     "read_grey",
@@ -49,7 +51,16 @@ TABLE_HEADERS = {
     "precision": "Precision",
     "recall": "Recall",
 }
-ROW_FIELDS = ("dataset", "filename", "height", "width", *SUITE_KEYS)
+ROW_FIELDS = ("dataset", "filename", "height", "width", *SUITE_KEYS, "gt_pixels", "pred_pixels")
+#: summary columns about frames without a polyp (their Dice is 0 by the papers' convention whatever the prediction,
+#: so a false positive on them is invisible in the mean Dice: it is reported here)
+POLYP_FREE_FIELDS = ("polyp_free_images", "polyp_free_false_positive_rate")
+
+
+def foreground_counts(pred: torch.Tensor, gt: torch.Tensor, threshold: float = 0.5) -> dict[str, int]:
+    """``{"gt_pixels", "pred_pixels"}``: foreground pixels of the mask (``> 0.5``) and of the prediction
+    (``> threshold``), for the polyp-free rows of :func:`summarize`."""
+    return {"gt_pixels": int((gt > 0.5).sum()), "pred_pixels": int((pred > threshold).sum())}
 
 
 def read_grey(path: str | os.PathLike) -> np.ndarray:
@@ -190,6 +201,11 @@ def score_pair(
     scores = polyp_metric_suite(pred_map, gt_map, threshold=threshold, return_curve=True, normalize=normalize)
     row: dict[str, Any] = {name: float(scores[name][0]) for name in SUITE_KEYS}
     row["e_measure_curve"] = scores["e_measure_curve"][0].cpu().numpy()
+    if normalize == "minmax":
+        from monai_ecrm.metrics.functional import minmax_normalize
+
+        pred_map = minmax_normalize(pred_map)
+    row.update(foreground_counts(pred_map, gt_map, threshold))
     return row
 
 
@@ -204,9 +220,15 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     Args:
         rows: per-image rows with a ``"dataset"`` entry and the scores of ``SUITE_KEYS``.
 
+    Polyp-free frames (rows whose ``gt_pixels`` is 0): every one scores Dice 0 by the papers' convention (as in
+    ``pysodmetrics``), whether the prediction is empty or not, so they are also counted apart:
+    ``polyp_free_images`` and ``polyp_free_false_positive_rate``, the share of them with any predicted foreground
+    (1 - specificity at the frame level; NaN when there is none, or when the rows carry no pixel counts).
+
     Returns:
-        One row per dataset, in order of first appearance, ``{"dataset", "images", <score means>}``, and an
-        ``"overall"`` row (over all images) when there are several datasets. NaN scores are left out of a mean.
+        One row per dataset, in order of first appearance, ``{"dataset", "images", <score means>,
+        "polyp_free_images", "polyp_free_false_positive_rate"}``, and an ``"overall"`` row (over all images) when
+        there are several datasets. NaN scores are left out of a mean.
     """
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
@@ -222,8 +244,21 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         curves = [row["e_measure_curve"] for row in group if row.get("e_measure_curve") is not None]
         if curves and len(curves) == len(group):
             entry["e_measure_max"] = float(np.mean(curves, axis=0).max())
+        counted = [row for row in group if _known(row.get("gt_pixels")) and _known(row.get("pred_pixels"))]
+        free = [row for row in counted if int(float(row["gt_pixels"])) == 0]
+        entry["polyp_free_images"] = len(free)
+        entry["polyp_free_false_positive_rate"] = (
+            float(np.mean([int(float(row["pred_pixels"])) > 0 for row in free])) if free else float("nan")
+        )
         summary.append(entry)
     return summary
+
+
+def _known(value: Any) -> bool:
+    try:
+        return value is not None and value != "" and not math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def markdown_table(summary: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
@@ -238,6 +273,18 @@ def markdown_table(summary: Sequence[Mapping[str, Any]], digits: int = 3) -> str
     for row in summary:
         cells = [str(row["dataset"]), str(row["images"])] + [f"{row[key]:.{digits}f}" for key in TABLE_HEADERS]
         lines.append("| " + " | ".join(cells) + " |")
+    free = [row for row in summary if row.get("polyp_free_images")]
+    if free:
+        lines += [
+            "",
+            "Frames without a polyp (Dice 0 whatever the prediction, so counted apart): share with a false positive.",
+            "",
+            "| Dataset | Polyp-free frames | With a false positive |",
+            "|---|---:|---:|",
+        ]
+        for row in free:
+            rate = row["polyp_free_false_positive_rate"]
+            lines.append(f"| {row['dataset']} | {row['polyp_free_images']} | {rate:.{digits}f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,7 +311,7 @@ def write_tables(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLik
         writer.writeheader()
         writer.writerows(rows)
     with open(paths["summary_csv"], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=("dataset", "images", *SUITE_KEYS))
+        writer = csv.DictWriter(handle, fieldnames=("dataset", "images", *SUITE_KEYS, *POLYP_FREE_FIELDS))
         writer.writeheader()
         writer.writerows(summary)
     paths["summary_md"].write_text(markdown_table(summary))

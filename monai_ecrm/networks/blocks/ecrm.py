@@ -6,7 +6,7 @@ Yin, Liang, Ma, Guo, "Duplex Contextual Relation Network for Polyp Segmentation"
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -222,7 +222,7 @@ class ECRM(nn.Module):
             self.register_buffer("context_gate", torch.ones(1), persistent=False)
         self.memory = MemoryBank(bank_size, self.memory_classes, feat_channels, on_size_mismatch=bank_size_mismatch)
 
-    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(features, aux_logits)``: ``[B, feat_channels, *spatial]`` and ``[B, num_classes, *spatial]``.
 
         ``labels`` (training only, for ``prototypes="label"``): the ground truth ``[B, 1 or num_classes, *spatial']``
@@ -241,7 +241,7 @@ class ECRM(nn.Module):
             self.write(aux_logits, features, labels)
         return self.fuse_norm_act(fused), aux_logits
 
-    def write(self, aux_logits: torch.Tensor, features: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
+    def write(self, aux_logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Write the batch's prototypes to the memory (training mode only; the memory bank checks it).
 
         Label prototypes without a label raise: the memory would silently switch to another kind of prototype.
