@@ -38,6 +38,8 @@ __all__ = [
     "inference_datalist",
     "write_pranet_datalist",
     "attach_handlers",
+    "check_bundle_root",
+    "require_model",
     "main",
 ]
 
@@ -218,6 +220,31 @@ def inference_datalist(
 
         return validate_datalist([{"image": str(source.resolve())}], keys=("image",), on_error=on_error)
     return folder_datalist(source, mask_dir=None, on_error=on_error)
+
+
+def check_bundle_root(bundle_root: str | os.PathLike) -> bool:
+    """Warn (once, naming the folder) when ``bundle_root`` is not a bundle: a command run from the repository root
+    without ``--bundle_root`` would otherwise write ``demo_data/``, ``logs/`` and ``models/`` into the working folder
+    without a word. Returns whether it is one (a ``configs/metadata.json`` inside)."""
+    root = Path(bundle_root).expanduser()
+    if (root / "configs" / "metadata.json").is_file():
+        return True
+    logger.warning(
+        f"bundle_root {str(root.resolve())!r} is not a bundle (no configs/metadata.json): models/, logs/, eval/ and "
+        "demo_data/ will be written there. From the repository root pass --bundle_root bundles/polyp_ecrm."
+    )
+    return False
+
+
+def require_model(path: str | os.PathLike) -> str:
+    """``path`` when the trained model exists; otherwise exit with one line saying so and how to get one (instead of
+    a long ``FileNotFoundError`` traceback from the checkpoint loader)."""
+    if not Path(path).expanduser().is_file():
+        sys.exit(
+            f"error: no trained model at {path}. Train the bundle first (configs/train.json writes models/model.pt), "
+            "or pass --ckpt_path PATH to a model.pt."
+        )
+    return str(path)
 
 
 def attach_handlers(engine: Any, *handlers: Any) -> Any:

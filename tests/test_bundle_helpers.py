@@ -4,6 +4,7 @@ evaluation presets and the backbone normalisation."""
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 from collections import Counter
 from pathlib import Path
@@ -197,3 +198,31 @@ def test_pranet_datalist_command_writes_one_fixed_split_with_the_test_sets(tmp_p
     assert not selected_on & {item["image"] for item in datalist["test"]}, "the test sets play no part in selection"
     scored = Counter(item["dataset"] for item in evaluation_datalist(out))
     assert scored == {"kvasir": 100, "clinicdb": 62}, "evaluate.json scores each test set, never the validation split"
+
+
+def test_a_folder_that_is_not_a_bundle_is_warned_about(tmp_path, caplog):
+    from monai_ecrm.bundle import bundle_path, check_bundle_root
+
+    with caplog.at_level("WARNING", logger="monai_ecrm.bundle"):
+        assert check_bundle_root(bundle_path()) is True
+        assert not caplog.records
+        assert check_bundle_root(tmp_path) is False
+    assert len(caplog.records) == 1 and str(tmp_path) in caplog.text and "--bundle_root" in caplog.text
+
+
+def test_bundle_inference_without_a_trained_model_says_so_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from monai_ecrm.bundle import bundle_path
+
+    bundle = tmp_path / "polyp_ecrm"
+    shutil.copytree(bundle_path(), bundle, ignore=shutil.ignore_patterns("models", "eval", "demo_data", "logs"))
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json")]
+    result = subprocess.run(
+        [*command, "--bundle_root", str(bundle)], capture_output=True, text=True, timeout=120, cwd=str(tmp_path)
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "no trained model" in line]
+    assert len(lines) == 1 and "model.pt" in lines[0] and "train" in lines[0]
