@@ -4,8 +4,8 @@ evaluation presets and the backbone normalisation."""
 from __future__ import annotations
 
 import json
-import shutil
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 
