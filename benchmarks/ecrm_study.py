@@ -67,6 +67,19 @@ VARIANTS: dict[str, list[str]] = {
         "256",
     ],
     "s16_zero": ["--models", "ecrm", "--memory-stride", "16", "--context-start", "zero"],
+    # the attention itself supervised (added after the first round: the label prototypes' attention stayed flat and
+    # uncorrelated with the foreground, see the README)
+    "attn_sup": ["--models", "ecrm", "--prototypes", "label", "--background-tokens", "--supervise-attention"],
+    "s16_attn_sup": [
+        "--models",
+        "ecrm",
+        "--memory-stride",
+        "16",
+        "--prototypes",
+        "label",
+        "--background-tokens",
+        "--supervise-attention",
+    ],
 }
 
 

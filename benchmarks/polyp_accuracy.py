@@ -106,6 +106,7 @@ DEFAULT_ECRM_OPTIONS = {
     "prototypes": "coarse",
     "background_tokens": False,
     "attend_first": None,
+    "supervise_attention": False,
 }
 SUITE = tuple(TABLE_HEADERS)  # metric keys in the papers' column order
 
@@ -114,7 +115,9 @@ SUITE = tuple(TABLE_HEADERS)  # metric keys in the papers' column order
 class IdentityECRM(nn.Module):
     """Stand-in for ECRM: ``x -> (x, x[:, :1])``, the features unchanged and a dummy coarse map (never supervised)."""
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, sources: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return x, x[:, :1]
 
 
@@ -141,6 +144,7 @@ def ecrm_options(args: argparse.Namespace) -> dict[str, Any]:
         "prototypes": args.prototypes,
         "background_tokens": args.background_tokens,
         "attend_first": args.attend_first,
+        "supervise_attention": args.supervise_attention,
     }
 
 
@@ -159,7 +163,7 @@ def build_network(model: str, init: str, seed: int, args: argparse.Namespace) ->
     if model == "no_ecrm":
         # the DCRNet block (the variants change nothing once ECRM is replaced), at the deepest level
         kwargs.update(memory_stride=None, context_start="full", prototypes="coarse", background_tokens=False)
-        kwargs.update(attend_first=None, ecrm_channels=deepest_channels(args.backbone))
+        kwargs.update(attend_first=None, supervise_attention=False, ecrm_channels=deepest_channels(args.backbone))
     net = ECRMUNet(pretrained=pretrained, **kwargs)
     if model == "no_ecrm":
         net.ecrm = IdentityECRM()
@@ -536,8 +540,9 @@ def light_dice(
     for net in nets:
         net.to(device).eval()
 
-    def dice(sample: dict[str, Any], prob: torch.Tensor) -> float:
-        sample = postprocessing({**sample, "pred": prob})
+    def dice(sample: dict[str, Any], logits: torch.Tensor) -> float:
+        # the postprocessing applies the sigmoid itself: it takes the logits
+        sample = postprocessing({**sample, "pred": logits})
         pred, gt = (torch.as_tensor(sample[key])[0] > 0.5 for key in ("pred", "gt"))
         total = int(pred.sum()) + int(gt.sum())
         return 2.0 * int((pred & gt).sum()) / total if total else 0.0
@@ -551,11 +556,11 @@ def light_dice(
             for item in items:
                 sample = preprocessing(dict(item))
                 image = sample["image"][None].to(device)
-                probs = [torch.sigmoid(net(image)[0].float()).cpu() for net in nets]
-                if len(probs) > 1:
-                    diffs.append(float((probs[0] - probs[1]).abs().mean()))
-                for scores, prob in zip(per_net, probs):
-                    scores.append(dice(sample, prob))
+                logits = [net(image)[0].float().cpu() for net in nets]
+                if len(logits) > 1:
+                    diffs.append(float((torch.sigmoid(logits[0]) - torch.sigmoid(logits[1])).abs().mean()))
+                for scores, logit in zip(per_net, logits):
+                    scores.append(dice(sample, logit))
             for index, scores in enumerate(per_net):
                 dices[index][name] = float(np.mean(scores)) if scores else float("nan")
             if diffs:
@@ -733,6 +738,17 @@ def _memory_use_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None
     }
 
 
+def _bn_effect_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    effects = [run.get("bn_refresh_effect") for run in runs if run.get("bn_refresh_effect")]
+    if not effects:
+        return None
+    names = list(effects[0]["dice_before"])
+    return {
+        when: {name: _mean_sd([effect[when][name] for effect in effects]) for name in names}
+        for when in ("dice_before", "dice_after")
+    }
+
+
 def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per (model, init, steps, size, ...) with the mean and SD over seeds of every per-run figure."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -757,6 +773,7 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "bank_size": runs[0]["config"]["bank_size"],
                 "ecrm_options": runs[0]["config"].get("ecrm_options", {}),
                 "memory_use": _memory_use_summary(runs),
+                "bn_refresh_effect": _bn_effect_summary(runs),
                 "summary": {
                     name: {
                         "images": runs[0]["summary"].get(name, {}).get("images"),
@@ -942,6 +959,23 @@ def markdown(entries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, 
             deltas = [_cell(use["dice_change_memory_emptied"][n], 3) for n in names]
             probs = [_cell(use["mean_abs_prob_change"][n], 4) for n in names]
             lines.append("| " + " | ".join([entry["model"], entry["init"], gate, *deltas, *probs]) + " |")
+    refreshed = [entry for entry in entries if entry.get("bn_refresh_effect")]
+    if refreshed:
+        names = list(refreshed[0]["bn_refresh_effect"]["dice_before"])
+        lines += [
+            "",
+            "## BatchNorm refresh: mean Dice before -> after",
+            "",
+            "Mean Dice (0.5 threshold, original size) of the weights as trained (BatchNorm running statistics from "
+            "training) and after recomputing the statistics with the final weights over the training images.",
+            "",
+            "| Model | Init | " + " | ".join(names) + " |",
+            "|---|---|" + "---:|" * len(names),
+        ]
+        for entry in refreshed:
+            effect = entry["bn_refresh_effect"]
+            cells = [f"{effect['dice_before'][n]['mean']:.3f} -> {effect['dice_after'][n]['mean']:.3f}" for n in names]
+            lines.append("| " + " | ".join([entry["model"], entry["init"], *cells]) + " |")
     lines += [
         "",
         "## Differences within one standard deviation",
@@ -1015,6 +1049,37 @@ def save_best(results: Sequence[dict[str, Any]], path: Path, work_dir: Path) -> 
     print(f"  {info['bytes']} bytes, sha256 {digest}")
     print(f"  network: {json.dumps(network)}; bundle overrides: {info['bundle_overrides']}")
     return info
+
+
+def rediagnose(args: argparse.Namespace) -> None:
+    """Recompute every finished run's diagnostics (``memory_use`` from ``final_model.pt``; ``bn_refresh_effect``
+    from the end-of-training ``checkpoint.pt``, written before the refreshes, against ``final_model.pt``) with the
+    current code, and rewrite their ``result.json``. The scores and training are untouched."""
+    work_dir = Path(args.work_dir)
+    datalists = load_datalists(args)
+    datasets = {VAL: datalists["val"], **datalists["test"]} if datalists["val"] else dict(datalists["test"])
+    for path in sorted(work_dir.glob("*/result.json")):
+        result = json.loads(path.read_text())
+        config = result["config"]
+        run_args = argparse.Namespace(**vars(args))
+        options = {**DEFAULT_ECRM_OPTIONS, **config.get("ecrm_options", {})}
+        for key, value in options.items():
+            setattr(run_args, key, value)
+        run_args.bank_size, run_args.ecrm_channels = config["bank_size"], config["ecrm_channels"]
+        run_args.size, run_args.backbone = config["size"], config["backbone"]
+        base = config["model"].split("/")[0]
+        final = build_network(base, "random", config["seed"], run_args)
+        final.load_state_dict(torch.load(path.parent / "final_model.pt", map_location="cpu", weights_only=True))
+        if base == "ecrm":
+            result["memory_use"] = memory_use(final, datasets, {}, run_args)
+        if config.get("bn_refresh") and (path.parent / "checkpoint.pt").is_file():
+            trained = build_network(base, "random", config["seed"], run_args)
+            checkpoint = torch.load(path.parent / "checkpoint.pt", map_location="cpu", weights_only=False)
+            trained.load_state_dict(checkpoint["model"])
+            (before, after), _ = light_dice([trained, final], datasets, run_args)
+            result["bn_refresh_effect"] = {"dice_before": before, "dice_after": after}
+        _atomic_save(result, path)
+        _log(path.parent, "diagnostics recomputed")
 
 
 def write_outputs(args: argparse.Namespace) -> None:
@@ -1103,6 +1168,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --bn-refresh: also record the 0.5-threshold mDice before and after the BatchNorm refresh",
     )
+    add(
+        "--supervise-attention",
+        action="store_true",
+        help="ECRM: the coarse-mask loss trains the attention's foreground log-odds (needs label prototypes and "
+        "background tokens)",
+    )
     add("--amp", choices=("fp32", "bf16"), default="fp32", help="training precision: bf16 autocast (CPU AMX) or fp32")
     add(
         "--bn-refresh",
@@ -1127,6 +1198,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "%(default)s)",
     )
     add("--merge-only", action="store_true", help="train nothing: merge every result.json of the work dir")
+    add(
+        "--rediagnose",
+        action="store_true",
+        help="train nothing: recompute every finished run's memory-use and BatchNorm-refresh diagnostics, then merge",
+    )
     add("--out", default=None, help="merged JSON (default <work-dir>/results.json)")
     add("--out-md", default=None, help="markdown table (default <work-dir>/results.md)")
     add("--save-best", default=None, metavar="PATH", help="write the best ecrm run (validation mDice) as model.pt")
@@ -1154,7 +1230,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not args.merge_only:
+    if args.rediagnose:
+        rediagnose(args)
+    elif not args.merge_only:
         datalists = load_datalists(args)
         sizes = {name: len(items) for name, items in datalists["test"].items()}
         print(f"train {len(datalists['train'])}, val {len(datalists['val'])}, test {sizes}", flush=True)

@@ -44,9 +44,9 @@ def _ddp_worker(rank: int, world_size: int, reference_path: str) -> dict:
     written: list = []  # the prototypes this rank hands to the memory, step by step
     enqueue = bank.enqueue
 
-    def _record(prototypes: torch.Tensor) -> None:
-        written.append(prototypes.detach().numpy().copy())
-        enqueue(prototypes)
+    def _record(prototypes: torch.Tensor, sources: torch.Tensor | None = None) -> None:
+        written.append((prototypes.detach().numpy().copy(), sources.numpy().copy()))
+        enqueue(prototypes, sources)
 
     bank.enqueue = _record
     aux: list[torch.Tensor] = []
@@ -60,7 +60,8 @@ def _ddp_worker(rank: int, world_size: int, reference_path: str) -> dict:
         image = torch.randn(batch, 3, SIZE, SIZE, generator=generator)
         label = (torch.rand(batch, 1, SIZE, SIZE, generator=generator) > 0.5).float()
         aux.clear()
-        logits = model(image)
+        cases = 1000 * rank + 10 * len(states) + torch.arange(batch)  # case identities, gathered with the memory
+        logits = model(image, sources=cases)
         aux_label = F.interpolate(label, size=aux[0].shape[2:], mode="area")
         loss = F.binary_cross_entropy_with_logits(logits, label)
         loss = loss + 0.4 * F.binary_cross_entropy_with_logits(aux[0], aux_label)
@@ -101,7 +102,7 @@ def _ddp_worker(rank: int, world_size: int, reference_path: str) -> dict:
 
 
 def _assert_same_bank(first: dict, second: dict, what: str) -> None:
-    for name in ("memory", "pointer", "filled", "rejected"):
+    for name in ("memory", "pointer", "filled", "rejected", "sources"):
         assert (first[name] == second[name]).all(), f"{what}: ranks disagree on {name}"
 
 
@@ -116,9 +117,9 @@ def test_memory_identical_on_every_rank_and_equal_to_one_process_writing_in_rank
     single = MemoryBank(BANK, 1, TINY["ecrm_channels"]).train()
     for step in range(STEPS):
         for rank in range(2):
-            local = torch.from_numpy(results[rank]["written"][step])
+            local, cases = (torch.from_numpy(array) for array in results[rank]["written"][step])
             assert local.shape[0] == 2 + rank
-            single.enqueue(local)
+            single.enqueue(local, cases)
         for name, buffer in single.named_buffers():
             assert torch.equal(torch.from_numpy(results[0]["states"][step][name]), buffer), f"step {step}: {name}"
     assert int(single.filled) == BANK and int(single.pointer) == (STEPS * 5) % BANK

@@ -21,6 +21,7 @@ VARIANTS = {
     "bg": {"background_tokens": True},
     "attend_first": {"attend_first": True},
     "large": {"bank_size": 256, "context_start": "zero"},
+    "attention": {"prototypes": "label", "background_tokens": True, "supervise_attention": True},
 }
 
 
@@ -219,3 +220,25 @@ def test_label_weights_multiclass_index_and_one_hot_agree():
     torch.testing.assert_close(fractions[:, 3], torch.zeros(2, 4, 4))
     prototypes, present = label_prototypes(fractions[:, :3], torch.randn(2, 5, 4, 4))
     assert prototypes.shape == (2, 3, 5) and present.dtype == torch.bool
+
+
+def test_supervised_attention_outputs_the_attention_s_own_log_odds_as_the_coarse_mask():
+    block = _fill(_block(**VARIANTS["attention"]))
+    x = torch.randn(2, 16, 5, 4)
+    with torch.no_grad():
+        _, odds = block(x)
+        queries = block.query(block.embed(x)).flatten(2).transpose(1, 2)
+        tokens = block.memory.filled_memory().reshape(-1, block.feat_channels)
+        attention = torch.softmax(queries @ block.memory_key(tokens).T / block.key_channels**0.5, dim=-1)
+        attention = attention.reshape(2, 20, -1, 2)  # [B, positions, slots, (polyp, background)]
+        expected = (attention[..., 0].sum(-1) / attention[..., 1].sum(-1)).log().reshape(2, 1, 5, 4)
+    torch.testing.assert_close(odds, expected, atol=1e-5, rtol=1e-4)
+    block.train()
+    features, odds = block(x, labels=_labels(2, 5, 4))
+    odds.sum().backward()  # the aux loss reaches the attention's projections
+    assert block.query.conv.weight.grad is not None and block.memory_key[0].weight.grad.abs().sum() > 0
+    empty = _block(**VARIANTS["attention"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(empty(x)[1], empty.coarse(x))  # nothing to attend to: the coarse conv's mask
+    with pytest.raises(ValueError, match="supervise_attention"):
+        _block(supervise_attention=True)

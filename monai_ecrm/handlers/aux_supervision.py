@@ -24,7 +24,15 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["AuxSupervisionHandler", "aux_to_label_size", "find_module", "has_memory", "loss_terms", "unwrap_network"]
+__all__ = [
+    "AuxSupervisionHandler",
+    "aux_to_label_size",
+    "find_module",
+    "has_memory",
+    "loss_terms",
+    "unwrap_network",
+    "without_memory",
+]
 
 #: keys this handler adds to a trainer's ``engine.state.output``
 LOSS_MAIN, LOSS_AUX, AUX_WEIGHT = "loss_main", "loss_aux", "aux_weight"
@@ -46,7 +54,8 @@ def unwrap_network(network: nn.Module) -> nn.Module:
 
 def has_memory(network: nn.Module, module_name: str = "ecrm") -> bool:
     """Whether ``network`` has an ECRM module with a memory at ``module_name`` (``False`` for FlexibleUNet, or an
-    ECRMUNet built with ``use_ecrm=False``): the bundle's ECRM handlers then do nothing."""
+    ECRMUNet built with ``use_ecrm=False``): the bundle's ECRM handlers then do nothing. (The aux handler still
+    raises for a wrong ``module_name`` on a network that has a memory elsewhere.)"""
     from monai_ecrm.networks.blocks.memory_bank import MemoryBank
 
     try:
@@ -54,6 +63,16 @@ def has_memory(network: nn.Module, module_name: str = "ecrm") -> bool:
     except AttributeError:
         return False
     return isinstance(module, MemoryBank) or isinstance(getattr(module, "memory", None), MemoryBank)
+
+
+def without_memory(network: nn.Module, module_name: str = "ecrm") -> bool:
+    """Whether the ECRM handlers should do nothing for ``network``: it has no memory at ``module_name`` and none
+    anywhere else (a network with a memory under another name is a configuration error they report instead)."""
+    from monai_ecrm.networks.blocks.memory_bank import MemoryBank
+
+    if has_memory(network, module_name):
+        return False
+    return not any(isinstance(module, MemoryBank) for module in unwrap_network(network).modules())
 
 
 def find_module(network: nn.Module, module_name: str) -> nn.Module:
@@ -270,7 +289,7 @@ class AuxSupervisionHandler:
         # looked up when the run starts: MONAI workflows attach their handlers before they set `engine.network`
         if not isinstance(getattr(engine, "network", None), nn.Module):
             raise TypeError("AuxSupervisionHandler: the engine has no `network` module (use a MONAI engine).")
-        self._inactive = not has_memory(engine.network, self.module_name)
+        self._inactive = without_memory(engine.network, self.module_name)
         if self._inactive:
             # a network without ECRM (FlexibleUNet, ECRMUNet(use_ecrm=False)): no coarse mask to supervise
             engine.logger.debug(f"AuxSupervisionHandler: no ECRM module {self.module_name!r}; nothing to do.")

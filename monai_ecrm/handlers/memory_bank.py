@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
-from monai_ecrm.handlers.aux_supervision import find_module, has_memory
+from monai_ecrm.handlers.aux_supervision import find_module, without_memory
 from monai_ecrm.networks.blocks.memory_bank import MemoryBank
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -127,7 +127,7 @@ class MemoryBankHandler:
         Args:
             engine: the engine this handler is attached to.
         """
-        if not has_memory(engine.network, self.module_name):
+        if without_memory(engine.network, self.module_name):
             return
         bank = find_memory_bank(engine.network, self.module_name)
         bank.reset()
@@ -139,7 +139,7 @@ class MemoryBankHandler:
         Args:
             engine: the engine this handler is attached to.
         """
-        if not has_memory(engine.network, self.module_name):
+        if without_memory(engine.network, self.module_name):
             return  # a network without ECRM (FlexibleUNet, ECRMUNet(use_ecrm=False)): nothing to log
         stats = memory_stats(find_memory_bank(engine.network, self.module_name))
         engine.state.ecrm_memory = stats

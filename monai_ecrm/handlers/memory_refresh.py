@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from collections.abc import Iterable, Iterator, Mapping
@@ -14,7 +15,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 from torch.utils.data import DataLoader
 
-from monai_ecrm.handlers.aux_supervision import find_module, has_memory, unwrap_network
+from monai_ecrm.handlers.aux_supervision import find_module, unwrap_network, without_memory
 from monai_ecrm.handlers.memory_bank import find_memory_bank, memory_stats, resolve_event
 
 if TYPE_CHECKING:
@@ -34,13 +35,17 @@ class _StopAfterMemoryWrite(Exception):
 
 
 def _batches(
-    source: Iterable, image_key: str, label_key: str | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``(image, label or None)`` batches from a DataLoader (batches) or from a dataset/sequence (single items, one
-    per batch); the label only when ``label_key`` is given (dicts: that key; tuples: the second element)."""
+    source: Iterable, image_key: str, label_key: str | None = None, source_key: str | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """``(image, label or None, case ids or None)`` batches from a DataLoader (batches) or from a dataset/sequence
+    (single items, one per batch); the label only when ``label_key`` is given (dicts: that key; tuples: the second
+    element), the case ids when dict items carry ``source_key``."""
     batched = isinstance(source, DataLoader)
     for item in source:
         label = None
+        ids = None
+        if isinstance(item, Mapping) and source_key is not None and source_key in item:
+            ids = torch.as_tensor(item[source_key]).reshape(-1).long()
         if isinstance(item, Mapping):
             image = item[image_key]
             if label_key is not None:
@@ -66,7 +71,7 @@ def _batches(
         if not batched:
             image = image.unsqueeze(0)
             label = None if label is None else label.unsqueeze(0)
-        yield image, label
+        yield image, label, ids
 
 
 def refresh_memory(
@@ -127,6 +132,10 @@ def refresh_memory(
         reset: empty the memory first (default); ``False`` appends to what is there.
         distributed: ``"auto"``, ``"replicated"`` or ``"sharded"`` (see above); ignored without several ranks.
         label_key: key of the label in dict items (read only for label prototypes).
+
+    Provenance: every slot records which case wrote it (``MemoryBank.sources``): the item's ``case_index`` when dict
+    items carry one, else its position in ``loader_or_dataset`` (0, 1, ... in the order yielded), so that
+    ``sources`` indexes the refresh set (under ``"sharded"`` each rank counts its own shard).
 
     Returns:
         The number of prototypes written (one per image, over all ranks when sharded; refused ones not counted); the
@@ -229,9 +238,14 @@ def _write_memory(
     image_key: str,
     reset: bool,
     label_key: str | None = None,
+    source_key: str | None = "case_index",
 ) -> int:
     """Run the encoder and ECRM over ``source`` with the memory writes on; the number of images seen."""
     modes = {module: module.training for module in network.modules()}
+    try:
+        takes_sources = "sources" in inspect.signature(network.forward).parameters
+    except (TypeError, ValueError):
+        takes_sources = False
     if reset:
         bank.reset()
     images = 0
@@ -246,13 +260,15 @@ def _write_memory(
         ecrm.training = True
         bank.training = True
         with torch.no_grad():
-            for image, label in _batches(source, image_key, label_key):
+            for image, label, ids in _batches(source, image_key, label_key, source_key):
+                if ids is None:  # the item's position in the refresh set
+                    ids = torch.arange(images, images + image.shape[0])
                 images += image.shape[0]
+                kwargs = {"sources": ids.to(device)} if takes_sources else {}
+                if label is not None:
+                    kwargs["labels"] = label.to(device)
                 try:
-                    if label is None:
-                        network(image.to(device))
-                    else:
-                        network(image.to(device), labels=label.to(device))
+                    network(image.to(device), **kwargs)
                 except _StopAfterMemoryWrite:
                     pass
     finally:
@@ -324,7 +340,7 @@ class MemoryRefreshHandler:
         Args:
             engine: the engine this handler is attached to.
         """
-        if not has_memory(engine.network, self.module_name):
+        if without_memory(engine.network, self.module_name):
             engine.state.ecrm_refreshed = 0
             return  # a network without ECRM (FlexibleUNet, ECRMUNet(use_ecrm=False)): nothing to refresh
         device = getattr(engine.state, "device", None)

@@ -5,6 +5,7 @@ Yin, Liang, Ma, Guo, "Duplex Contextual Relation Network for Polyp Segmentation"
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -133,6 +134,15 @@ class ECRM(nn.Module):
       label prototypes that would leak the label into the training prediction, so ``prototypes="label"`` requires
       ``attend_first`` (``None``: ``True`` for label prototypes, ``False`` otherwise).
 
+    - ``supervise_attention``: the coarse mask that ECRM outputs (and the aux supervision trains) becomes the
+      attention's own per-class log-odds at every position: ``logsumexp`` of the scores over the class's memory tokens
+      minus ``logsumexp`` over the background tokens. The aux loss then teaches each position to attend to the
+      memory's polyp prototypes where there is polyp and to its background prototypes elsewhere, so the attended
+      context carries what the memory knows (left to itself, the attention stays flat and unrelated to the
+      foreground, and the network learns to ignore the memory). Needs ``prototypes="label"`` (the coarse conv then
+      feeds nothing) and ``background_tokens``; with an empty memory the coarse conv's mask is output instead. The
+      attention is computed explicitly (cheap at the memory level: positions x slots x classes).
+
     When a sample's output depends on the rest of the batch: in eval mode never (the memory is frozen, BatchNorm uses
     its running statistics). In training it does through BatchNorm's batch statistics, and, with ``attend_first=False``,
     through the other samples' prototypes written before the attention; with ``attend_first=True`` and batch-free
@@ -153,6 +163,7 @@ class ECRM(nn.Module):
         prototypes: ``"coarse"`` or ``"label"`` (see above).
         background_tokens: add a background prototype to every slot (see above).
         attend_first: attend before writing in training (see above); ``None`` follows ``prototypes``.
+        supervise_attention: output the attention's log-odds as the coarse mask (see above).
     """
 
     def __init__(
@@ -170,10 +181,16 @@ class ECRM(nn.Module):
         prototypes: str = "coarse",
         background_tokens: bool = False,
         attend_first: bool | None = None,
+        supervise_attention: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"ECRM: spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if supervise_attention and not (prototypes == "label" and background_tokens):
+            raise ValueError(
+                "ECRM: supervise_attention needs prototypes='label' and background_tokens=True (the log-odds compare "
+                "each class's memory tokens with the background tokens)."
+            )
         if context_start not in CONTEXT_STARTS:
             raise ValueError(f"ECRM: context_start must be one of {CONTEXT_STARTS}, got {context_start!r}.")
         if prototypes not in PROTOTYPE_SOURCES:
@@ -191,6 +208,7 @@ class ECRM(nn.Module):
         self.background_tokens = bool(background_tokens)
         self.attend_first = bool(attend_first)
         self.gated = context_start == "gate"
+        self.supervise_attention = bool(supervise_attention)
         self.memory_classes = num_classes + int(self.background_tokens)
         self.spatial_dims = spatial_dims
         self.num_classes = num_classes
@@ -222,26 +240,41 @@ class ECRM(nn.Module):
             self.register_buffer("context_gate", torch.ones(1), persistent=False)
         self.memory = MemoryBank(bank_size, self.memory_classes, feat_channels, on_size_mismatch=bank_size_mismatch)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, sources: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(features, aux_logits)``: ``[B, feat_channels, *spatial]`` and ``[B, num_classes, *spatial]``.
 
         ``labels`` (training only, for ``prototypes="label"``): the ground truth ``[B, 1 or num_classes, *spatial']``
         at the input size of the network, area-pooled here to ``x``'s grid; ignored otherwise and in eval mode.
+        ``sources`` ``[B]`` (training only): integer case identities recorded beside the prototypes written
+        (``MemoryBank.sources``, for provenance); ``None`` records them as unknown.
         """
         aux_logits = self.coarse(x)
         features = self.embed(x)
         if self.training and not self.attend_first:
-            self.write(aux_logits, features, labels)
-        context = self.attend(features, self.training and self.attend_first)
+            self.write(aux_logits, features, labels, sources)
+        if self.supervise_attention:
+            context, odds, attended = self.attend_with_odds(features, self.training and self.attend_first)
+            if attended:
+                aux_logits = odds
+        else:
+            context = self.attend(features, self.training and self.attend_first)
         projected = self.fuse_context(self.project(context))
         if self.gated:
             projected = projected * self.context_gate.to(projected.dtype)
         fused = self.fuse_features(features) + projected
         if self.training and self.attend_first:
-            self.write(aux_logits, features, labels)
+            self.write(aux_logits, features, labels, sources)
         return self.fuse_norm_act(fused), aux_logits
 
-    def write(self, aux_logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    def write(
+        self,
+        aux_logits: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        sources: torch.Tensor | None = None,
+    ) -> None:
         """Write the batch's prototypes to the memory (training mode only; the memory bank checks it).
 
         Label prototypes without a label raise: the memory would silently switch to another kind of prototype.
@@ -258,9 +291,11 @@ class ECRM(nn.Module):
             prototypes, present = label_prototypes(fractions, features, self.background_tokens)
             if not bool(present.all()):
                 prototypes = prototypes[present]
-            self.memory.enqueue(prototypes)
+                if sources is not None:
+                    sources = sources.reshape(-1)[present]
+            self.memory.enqueue(prototypes, sources)
         else:
-            self.memory.enqueue(class_prototypes(coarse_weights(aux_logits, self.background_tokens), features))
+            self.memory.enqueue(class_prototypes(coarse_weights(aux_logits, self.background_tokens), features), sources)
 
     def attend(self, features: torch.Tensor, copy_memory: bool = False) -> torch.Tensor:
         """Cross attention of every position over the filled memory; ``[B, key_channels, *spatial]``.
@@ -284,6 +319,70 @@ class ECRM(nn.Module):
         v = values.unsqueeze(0).unsqueeze(0).expand(batch, 1, values.shape[0], values.shape[1])
         attended = F.scaled_dot_product_attention(q, k, v)
         return attended.squeeze(1).transpose(1, 2).reshape(queries.shape)
+
+    def attend_with_odds(
+        self, features: torch.Tensor, copy_memory: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Explicit attention for ``supervise_attention``: ``(context, log-odds [B, num_classes, *spatial],
+        attended)``; ``attended`` is ``False`` (context zero, log-odds zero) when the memory is empty."""
+        queries = self.query(features)
+        batch = queries.shape[0]
+        spatial = queries.shape[2:]
+        if self.memory.is_empty():
+            odds = queries.new_zeros([batch, self.num_classes] + [int(size) for size in spatial])
+            return torch.zeros_like(queries), odds, False
+        tokens = self.memory.filled_memory().reshape(-1, self.feat_channels)
+        if copy_memory:
+            tokens = tokens.clone()
+        keys = self.memory_key(tokens).to(queries.dtype)
+        values = self.memory_value(tokens).to(queries.dtype)
+        q = queries.flatten(2).transpose(1, 2)  # [B, P, D]
+        scores = (q @ keys.t()).float() / math.sqrt(self.key_channels)  # [B, P, F * K]
+        context = torch.softmax(scores, dim=-1).to(values.dtype) @ values  # [B, P, D]
+        per_class = torch.logsumexp(scores.reshape(batch, scores.shape[1], -1, self.memory_classes), dim=2)
+        odds = per_class[..., : self.num_classes] - per_class[..., -1:]  # [B, P, num_classes]
+        odds = odds.transpose(1, 2).reshape([batch, self.num_classes] + [int(size) for size in spatial])
+        return context.transpose(1, 2).reshape(queries.shape), odds.to(features.dtype), True
+
+    @torch.jit.unused
+    def forward_explained(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode forward that also returns the attention weights per memory slot: ``(features, weights)`` with
+        ``weights`` ``[B, positions, filled slots]`` (each position's softmax over the memory tokens, summed over a
+        slot's class tokens; slots in storage order). The attention is computed explicitly (``softmax(QK^T/sqrt(d))
+        V``), so the features equal :meth:`forward`'s up to floating-point rounding; never writes the memory."""
+        features = self.embed(x)
+        queries = self.query(features)
+        batch, positions = queries.shape[0], int(torch.tensor(queries.shape[2:]).prod())
+        filled = int(self.memory.filled)
+        if filled == 0:
+            context = torch.zeros_like(queries)
+            weights = queries.new_zeros(batch, positions, 0)
+        else:
+            tokens = self.memory.filled_memory().reshape(-1, self.feat_channels)
+            keys = self.memory_key(tokens).to(queries.dtype)
+            values = self.memory_value(tokens).to(queries.dtype)
+            q = queries.flatten(2).transpose(1, 2)  # [B, P, D]
+            attention = torch.softmax(q @ keys.T / math.sqrt(self.key_channels), dim=-1)  # [B, P, F * K]
+            context = (attention @ values).transpose(1, 2).reshape(queries.shape)
+            weights = attention.reshape(batch, positions, filled, self.memory_classes).sum(dim=-1)
+        projected = self.fuse_context(self.project(context))
+        if self.gated:
+            projected = projected * self.context_gate.to(projected.dtype)
+        return self.fuse_norm_act(self.fuse_features(features) + projected), weights
+
+    @torch.jit.unused
+    def slot_shares(self, weights: torch.Tensor, position_weights: torch.Tensor) -> torch.Tensor:
+        """``[B, bank_size]`` shares from :meth:`forward_explained`'s ``weights`` ``[B, P, F]`` and per-position
+        weights ``[B, 1, *spatial]`` at the memory level: the weighted mean over positions, normalised to sum to 1
+        over the filled slots (0 for empty slots, and an all-zero row where the position weights sum to 0)."""
+        batch = weights.shape[0]
+        w = position_weights.reshape(batch, -1).to(weights.dtype)  # [B, P]
+        totals = w.sum(dim=1, keepdim=True)
+        mean = torch.bmm(w.unsqueeze(1), weights).squeeze(1) / totals.clamp_min(1e-12)  # [B, F]
+        mean = torch.where(totals > 0, mean, torch.zeros_like(mean))
+        shares = weights.new_zeros(batch, self.memory.num_slots)
+        shares[:, : weights.shape[2]] = mean
+        return shares
 
     def _load_from_state_dict(
         self,

@@ -44,7 +44,10 @@ class MemoryBank(nn.Module):
 
     Buffers (all persistent): ``memory`` ``[S, K, C]`` float32, ``pointer`` (next slot to write), ``filled``
     (number of slots holding a prototype), ``rejected`` (prototypes refused since creation; :meth:`reset` keeps it,
-    it is a lifetime count).
+    it is a lifetime count), ``sources`` ``[S]`` int64: the identity of the case that wrote each slot (an index into
+    a names table kept beside the weights, see the provenance docs), ``-1`` for an empty slot or an unknown source.
+    State dicts without ``sources`` (the seed listing's, and this package's before it existed) load with unknown
+    sources, strict loading included.
 
     Loading a state dict whose memory has another number of slots raises :class:`MemorySizeMismatchError`, unless
     ``on_size_mismatch`` says otherwise:
@@ -80,6 +83,7 @@ class MemoryBank(nn.Module):
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("rejected", torch.zeros((), dtype=torch.long))
+        self.register_buffer("sources", torch.full((num_slots,), -1, dtype=torch.long))
         self._local_writes = False
 
     def extra_repr(self) -> str:
@@ -107,6 +111,7 @@ class MemoryBank(nn.Module):
             self.memory.zero_()
             self.pointer.zero_()
             self.filled.zero_()
+            self.sources.fill_(-1)
 
     @contextmanager
     def local_writes(self) -> Iterator[None]:
@@ -121,11 +126,13 @@ class MemoryBank(nn.Module):
         finally:
             self._local_writes = previous
 
-    def enqueue(self, prototypes: torch.Tensor) -> None:
+    def enqueue(self, prototypes: torch.Tensor, sources: torch.Tensor | None = None) -> None:
         """Write a batch of prototypes ``[B, K, C]`` in ring order (training mode only; no gradient).
 
         Args:
             prototypes: one row of ``K`` class prototypes per image.
+            sources: ``[B]`` integer case identities written beside them (``sources`` buffer), in the same ring
+                order; ``None`` records unknown sources (-1).
         """
         if not self.training:
             return
@@ -134,12 +141,18 @@ class MemoryBank(nn.Module):
                 f"MemoryBank.enqueue: expected prototypes of shape [B, {self.num_classes}, {self.channels}], "
                 f"got {list(prototypes.shape)}."
             )
+        if sources is None:
+            ids = torch.full((prototypes.shape[0],), -1, dtype=torch.long, device=self.memory.device)
+        else:
+            ids = sources.reshape(-1).to(dtype=torch.long, device=self.memory.device)
+            if ids.shape[0] != prototypes.shape[0]:
+                raise ValueError(f"MemoryBank.enqueue: {ids.shape[0]} sources for {prototypes.shape[0]} prototypes.")
         with torch.no_grad():
-            self._write(prototypes.detach().to(dtype=self.memory.dtype, device=self.memory.device))
+            self._write(prototypes.detach().to(dtype=self.memory.dtype, device=self.memory.device), ids)
 
-    def _write(self, values: torch.Tensor) -> None:
+    def _write(self, values: torch.Tensor, sources: torch.Tensor) -> None:
         if not torch.jit.is_scripting():
-            values = self._gather_across_ranks(values)
+            values, sources = self._gather_across_ranks(values, sources)
         finite = torch.isfinite(values).flatten(1).all(dim=1)
         num_bad = int((~finite).sum())
         if num_bad > 0:
@@ -150,25 +163,29 @@ class MemoryBank(nn.Module):
                 stacklevel=2,
             )
             values = values[finite]
+            sources = sources[finite]
         count = values.shape[0]
         if count == 0:
             return
         if count > self.num_slots:
             values = values[count - self.num_slots :]
+            sources = sources[count - self.num_slots :]
             count = self.num_slots
         start = int(self.pointer)
         index = (torch.arange(count, device=self.memory.device) + start) % self.num_slots
         self.memory.index_copy_(0, index, values)
+        self.sources.index_copy_(0, index, sources)
         self.pointer.fill_((start + count) % self.num_slots)
         self.filled.fill_(min(int(self.filled) + count, self.num_slots))
 
     @torch.jit.unused
-    def _gather_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        """Concatenate the prototypes of every rank in rank order (unequal batch sizes allowed)."""
+    def _gather_across_ranks(self, values: torch.Tensor, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenate the prototypes (and their sources) of every rank in rank order (unequal batch sizes
+        allowed)."""
         dist = torch.distributed
         if self._local_writes or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return values
-        return evenly_divisible_all_gather(values, concat=True)
+            return values, sources
+        return evenly_divisible_all_gather(values, concat=True), evenly_divisible_all_gather(sources, concat=True)
 
     # ------------------------------------------------------------------ checkpoint compatibility
     def _load_from_state_dict(
@@ -193,9 +210,16 @@ class MemoryBank(nn.Module):
             if incoming.shape[0] != self.num_slots:
                 self._load_other_size(state_dict, prefix, missing_keys, incoming)
                 return
+        sources_missing = key in state_dict and prefix + "sources" not in state_dict
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if sources_missing:
+            # a memory saved before sources were recorded: its cases are unknown, which is not an error
+            if prefix + "sources" in missing_keys:
+                missing_keys.remove(prefix + "sources")
+            with torch.no_grad():
+                self.sources.fill_(-1)
 
     def _load_other_size(
         self, state_dict: Mapping[str, Any], prefix: str, missing_keys: list[str], incoming: torch.Tensor
@@ -223,7 +247,12 @@ class MemoryBank(nn.Module):
         their_pointer = int(torch.as_tensor(state_dict.get(prefix + "pointer", 0)))
         ordered = _oldest_first(incoming, their_pointer, their_filled)
         kept = ordered[max(0, ordered.shape[0] - ours) :]
+        their_sources = state_dict.get(prefix + "sources")
         with torch.no_grad():
+            if their_sources is not None:
+                kept_sources = _oldest_first(torch.as_tensor(their_sources), their_pointer, their_filled)
+                kept_sources = kept_sources[max(0, kept_sources.shape[0] - ours) :]
+                self.sources[: kept_sources.shape[0]] = kept_sources.to(self.sources)
             self.memory[: kept.shape[0]] = kept.to(self.memory)
             self.filled.fill_(kept.shape[0])
             self.pointer.fill_(kept.shape[0] % ours)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,9 @@ class NoECRM(nn.Module):
     """The stand-in of ``ECRMUNet(use_ecrm=False)``: ``x -> (x, x[:, :1])``, the features unchanged and a dummy
     coarse map that nothing supervises. It has no memory, so the ECRM handlers do nothing for such a network."""
 
-    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, sources: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return x, x[:, :1]
 
 
@@ -81,6 +83,7 @@ class ECRMUNet(nn.Module):
             ``network(images, labels=labels)`` (MONAI: ``PrepareBatchExtraInput({"labels": "label"})``).
         background_tokens: ECRM's ``background_tokens``.
         attend_first: ECRM's ``attend_first`` (``None`` follows ``prototypes``).
+        supervise_attention: ECRM's ``supervise_attention`` (the aux loss trains the attention itself).
         use_ecrm: ``False`` builds the same network without ECRM (the encoder level goes straight to the decoder;
             ``ecrm_channels`` and the ECRM options are then ignored): the "no ECRM" baseline of the accuracy study,
             trainable with the same bundle.
@@ -112,6 +115,7 @@ class ECRMUNet(nn.Module):
         background_tokens: bool = False,
         attend_first: bool | None = None,
         use_ecrm: bool = True,
+        supervise_attention: bool = False,
     ) -> None:
         super().__init__()
         if backbone not in FLEXUNET_BACKBONE.register_dict:
@@ -161,21 +165,26 @@ class ECRMUNet(nn.Module):
         self.use_ecrm = bool(use_ecrm)
         if not use_ecrm:
             ecrm_channels = level_channels
-        self.ecrm: nn.Module = ECRM(
-            spatial_dims,
-            level_channels,
-            num_classes=out_channels if ecrm_classes is None else ecrm_classes,
-            bank_size=bank_size,
-            feat_channels=ecrm_channels,
-            key_channels=key_channels,
-            norm=norm,
-            act=act,
-            bank_size_mismatch=bank_size_mismatch,
-            context_start=context_start,
-            prototypes=prototypes,
-            background_tokens=background_tokens,
-            attend_first=attend_first,
-        ) if use_ecrm else NoECRM()
+        self.ecrm: nn.Module = (
+            ECRM(
+                spatial_dims,
+                level_channels,
+                num_classes=out_channels if ecrm_classes is None else ecrm_classes,
+                bank_size=bank_size,
+                feat_channels=ecrm_channels,
+                key_channels=key_channels,
+                norm=norm,
+                act=act,
+                bank_size_mismatch=bank_size_mismatch,
+                context_start=context_start,
+                prototypes=prototypes,
+                background_tokens=background_tokens,
+                attend_first=attend_first,
+                supervise_attention=supervise_attention,
+            )
+            if use_ecrm
+            else NoECRM()
+        )
         self.use_icrm = use_icrm
         self.icrm = (
             nn.Sequential(
@@ -214,33 +223,116 @@ class ECRMUNet(nn.Module):
         options.update(kwargs)
         return cls(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, bank_size=bank_size, **options)
 
-    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, sources: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``x`` ``[B, in_channels, *spatial]`` -> segmentation logits ``[B, out_channels, *spatial]``.
 
         ``labels`` ``[B, 1 or out_channels, *spatial]``: the ground truth, used only in training by ECRM with
-        ``prototypes="label"`` (to write the memory); ignored otherwise, never needed at inference.
+        ``prototypes="label"`` (to write the memory); ignored otherwise, never needed at inference. ``sources``
+        ``[B]``: integer case identities recorded beside the prototypes written in training (provenance).
         """
-        spatial = x.shape[2:]
+        # the sizes as they come (no int()): a traced graph (ONNX export) then crops to the input's own size
+        spatial = list(x.shape[2:])
+        x, labels, padded = self._pad(x, labels)
+        features = self.encoder(x)
+        level = features[self.memory_level]
+        enhanced, _ = self.ecrm(level, labels, sources)
+        return self._decode(features, level, enhanced, spatial, padded)
+
+    def _pad(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Zero-pad the input (and label) at the end of each axis to a multiple of the stride."""
         padding: list[int] = []
-        for size in spatial:
+        for size in x.shape[2:]:
             padding = [0, (self.stride - size % self.stride) % self.stride] + padding
-        if sum(padding) > 0:
+        # a traced graph (ONNX export) always pads and crops, by amounts it computes from the input's size: a Python
+        # test on the sizes would be frozen at the sample's size and the graph would then fail at any other size
+        padded = torch.jit.is_tracing() or sum(padding) > 0
+        if padded:
             x = F.pad(x, padding)
             if labels is not None:
                 labels = F.pad(labels, padding)
-        features = self.encoder(x)
-        level = features[self.memory_level]
-        enhanced, _ = self.ecrm(level, labels)
+        return x, labels, padded
+
+    def _decode(
+        self,
+        features: list[torch.Tensor],
+        level: torch.Tensor,
+        enhanced: torch.Tensor,
+        spatial: list[int],
+        padded: bool,
+    ) -> torch.Tensor:
+        """ICRM, the decoder and the head from the encoder features with the memory level replaced; cropped back."""
         if self.use_icrm:
             enhanced = enhanced + self.icrm(level)
         features[self.memory_level] = enhanced
         logits = self.segmentation_head(self.decoder(features, self.skip_connect))
-        if sum(padding) > 0:
+        if padded:
             if self.spatial_dims == 2:
                 logits = logits[:, :, : spatial[0], : spatial[1]]
             else:
                 logits = logits[:, :, : spatial[0], : spatial[1], : spatial[2]]
         return logits
+
+    @torch.jit.unused
+    def forward_with_shares(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and :meth:`memory_attention`'s shares from ONE forward (eval mode, no memory write, no
+        gradient): ``(logits [B, out_channels, *spatial], shares [B, bank_size])``.
+
+        ECRM computes its attention weights explicitly here (the normal forward keeps the fused SDPA kernel and
+        never materialises them); they are kept at the memory level and weighted once the logits exist.
+        """
+        if not self.use_ecrm:
+            raise ValueError("ECRMUNet.forward_with_shares: this network has no ECRM memory (use_ecrm=False).")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                spatial = [int(size) for size in x.shape[2:]]
+                padded_x, _, padded = self._pad(x, None)
+                features = self.encoder(padded_x)
+                level = features[self.memory_level]
+                enhanced, slot_weights = self.ecrm.forward_explained(level)
+                logits = self._decode(features, level, enhanced, spatial, padded)
+                weights = torch.sigmoid(logits.float()) if mask is None else mask.float()
+                if weights.shape[1] > 1:
+                    weights = weights.amax(dim=1, keepdim=True)  # any foreground class
+                pad = [0, 0] * (weights.dim() - 2)
+                for axis, size in enumerate(padded_x.shape[2:]):
+                    pad[2 * (weights.dim() - 3 - axis) + 1] = int(size) - int(weights.shape[2 + axis])
+                weights = F.interpolate(F.pad(weights, pad), size=list(level.shape[2:]), mode="area")
+                shares = self.ecrm.slot_shares(slot_weights, weights)
+        finally:
+            self.train(was_training)
+        return logits, shares
+
+    @torch.jit.unused
+    def memory_attention(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The share of ECRM's attention that each memory slot receives, ``[B, bank_size]``.
+
+        For every image: the attention weights of each memory-level position over the memory tokens, summed over a
+        slot's class tokens, averaged over the positions weighted by ``mask`` ``[B, 1, *spatial]`` (area-pooled to
+        the memory level) when given, else by the network's own predicted foreground (the sigmoid of its logits,
+        area-pooled). Rows sum to 1 over the filled slots; empty slots get 0 (an all-zero row when the memory is
+        empty or the weights vanish). Slots are in storage order, like ``ecrm.memory.sources``. Eval mode, no memory
+        write, no gradient; one forward (:meth:`forward_with_shares`).
+        """
+        return self.forward_with_shares(x, mask)[1]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **overrides: Any) -> ECRMUNet:
+        """The network of a checkpoint, in eval mode, its construction arguments derived from the weights and the
+        model record stored with them (:func:`monai_ecrm.record.load_network`), weights loaded strictly.
+
+        ``path``: a flat state dict (a bundle's ``models/model.pt``, the accuracy protocol's ``final_model.pt``) or a
+        training checkpoint (``network``/``model`` entry). ``overrides``: construction arguments the model does not
+        state; one that contradicts it raises :class:`monai_ecrm.record.RecordConflictError` naming both values.
+        """
+        from monai_ecrm.record import load_network
+
+        return load_network(path, flags=overrides, network_class=cls)[0]
 
 
 def dcrnet(in_channels: int = 3, out_channels: int = 1, bank_size: int = 20, **kwargs: Any) -> ECRMUNet:

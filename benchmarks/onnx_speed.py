@@ -1,0 +1,249 @@
+"""CPU inference speed of ECRM-UNet: PyTorch eager (float32, bfloat16 autocast) against ONNX Runtime (float32, INT8).
+
+For each backbone and size: an ``ECRMUNet`` with a filled memory (random prototypes in every slot, as in a trained
+model, or the memory of ``--weights``) is exported with :func:`monai_ecrm.onnx.export_network` (the options of the
+bundle's ``configs/onnx_export.json``) and quantised with :func:`monai_ecrm.onnx.quantize_int8` (QDQ, per-channel
+weights, the memory attention kept in float) on ``--calibration`` images: Kvasir-SEG frames from ``--data`` when
+present, else synthetic pictures. Then frames/s at batch 1 for
+
+* ``torch_fp32``: ``net.eval()`` under ``torch.inference_mode()``;
+* ``torch_bf16``: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``;
+* ``ort_fp32`` and ``ort_int8``: :func:`monai_ecrm.onnx.load_onnx_session` (``ORT_ENABLE_ALL``, ``--threads``
+  intra-op threads, one inter-op thread).
+
+``torch.set_num_threads(--threads)`` for PyTorch. The engines of one (backbone, size) are stepped round-robin (one
+timed frame each in turn) so that load from other processes falls on all of them alike; figures are medians after
+``--warmup`` untimed frames. The ratios and the targets of the issue (ORT float32 >= 1.5x eager float32, INT8 >= 3x
+eager float32 and faster than bfloat16, EfficientNet-Lite0 INT8 at 352 px >= 40 frames/s) are in the output.
+
+Usage::
+
+    python benchmarks/onnx_speed.py [--backbones resnet34,efficientnet-lite0] [--sizes 256,352]
+        [--engines torch_fp32,torch_bf16,ort_fp32,ort_int8] [--threads 2] [--repeats 20] [--warmup 3]
+        [--calibration 16] [--data ../shared/data/kvasir_seg] [--weights model.pt --network-kwargs '{...}']
+        [--quantize-attention] [--profile DIR] [--keep DIR]
+
+``--profile DIR`` writes ONNX Runtime's profiler traces (Chrome trace JSON) there and adds the share of time per
+operator type to the output. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import monai_ecrm
+from monai_ecrm.networks.nets import ECRMUNet
+from monai_ecrm.onnx import export_network, load_onnx_session, make_record, quantize_int8
+from monai_ecrm.transforms import normalization_for_backbone
+
+ENGINES = ("torch_fp32", "torch_bf16", "ort_fp32", "ort_int8")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir_seg"
+#: network options per backbone (the rest are ECRMUNet's defaults): ECRM as wide as the deepest encoder map
+BACKBONE_KWARGS = {"resnet34": {"ecrm_channels": 512}, "efficientnet-lite0": {"ecrm_channels": 320}}
+TARGETS = {"ort_fp32_vs_torch_fp32": 1.5, "ort_int8_vs_torch_fp32": 3.0, "ort_int8_vs_torch_bf16": 1.0}
+LITE0_INT8_352_FPS = 40.0
+
+
+def build(backbone: str, weights: str | None, network_kwargs: dict) -> tuple[ECRMUNet, dict]:
+    """The network in eval mode with a filled memory, and its construction arguments."""
+    torch.manual_seed(0)
+    kwargs = {"backbone": backbone, "bank_size": 20, **BACKBONE_KWARGS.get(backbone, {}), **network_kwargs}
+    net = ECRMUNet(**kwargs)
+    if weights:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        net.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    elif net.use_ecrm:
+        with torch.no_grad():
+            bank = net.ecrm.memory
+            bank.memory.copy_(torch.rand_like(bank.memory))
+            bank.filled.fill_(bank.num_slots)
+    return net.eval(), kwargs
+
+
+def calibration_source(args: argparse.Namespace, size: int, scratch: Path) -> Path:
+    """Kvasir-SEG's folder when present, else a folder of synthetic pictures (bright blobs on a textured red)."""
+    if args.data.is_dir():
+        return args.data
+    from PIL import Image
+
+    folder = scratch / f"synthetic_{size}"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    grid = np.mgrid[0:size, 0:size]
+    for index in range(args.calibration):
+        centre, radius = rng.uniform(0.25, 0.75, 2) * size, rng.uniform(0.08, 0.25) * size
+        blob = ((grid - centre[:, None, None]) ** 2).sum(0) < radius**2
+        picture = rng.normal(0.45, 0.08, (size, size, 3)) * np.array([1.0, 0.55, 0.45])
+        picture[blob] += 0.3
+        Image.fromarray((picture.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{index:03d}.png")
+    return folder
+
+
+def op_shares(trace: str) -> dict[str, float]:
+    """Share of node time per operator type in an ONNX Runtime profile (top 8)."""
+    events = json.loads(Path(trace).read_text())
+    times: Counter = Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            times[event.get("args", {}).get("op_name", "?")] += event.get("dur", 0)
+    total = sum(times.values()) or 1
+    return {op: round(duration / total, 3) for op, duration in times.most_common(8)}
+
+
+def runners(net: ECRMUNet, paths: dict[str, Path], engines: list[str], threads: int, profile: Path | None, tag: str):
+    """One callable per engine, running a frame ``[1, 3, H, W]`` float32."""
+    calls, sessions = {}, {}
+
+    def torch_call(bf16: bool):
+        def run(frame: np.ndarray) -> None:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                net(torch.from_numpy(frame))
+
+        return run
+
+    for engine in engines:
+        if engine.startswith("torch"):
+            calls[engine] = torch_call(engine == "torch_bf16")
+            continue
+        prefix = str(profile / f"{tag}_{engine}") if profile else None
+        session, _ = load_onnx_session(paths[engine], threads=threads, profile_prefix=prefix)
+        sessions[engine] = session
+        name = session.get_inputs()[0].name
+        calls[engine] = lambda frame, session=session, name=name: session.run(None, {name: frame})
+    return calls, sessions
+
+
+def measure(args: argparse.Namespace, backbone: str, size: int, scratch: Path) -> dict:
+    net, kwargs = build(backbone, args.weights, args.network_kwargs)
+    engines = args.engines
+    paths: dict[str, Path] = {}
+    row: dict = {"backbone": backbone, "size": size, "network": kwargs}
+    if any(engine.startswith("ort") for engine in engines):
+        record = make_record(kwargs, size, normalization_for_backbone(backbone))
+        paths["ort_fp32"] = export_network(net, scratch / f"{backbone}_{size}.onnx", record, (1, 3, size, size))
+        if "ort_int8" in engines:
+            paths["ort_int8"] = scratch / f"{backbone}_{size}.int8.onnx"
+            start = time.perf_counter()
+            calibration = quantize_int8(
+                paths["ort_fp32"],
+                paths["ort_int8"],
+                calibration_source(args, size, scratch),
+                num_images=args.calibration,
+                quantize_attention=args.quantize_attention,
+            )["calibration"]
+            row["calibration"] = {
+                "images": calibration["num_images"],
+                "source": calibration["datalist"],
+                "float_nodes": len(calibration["float_nodes"]),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+    calls, sessions = runners(net, paths, engines, args.threads, args.profile, f"{backbone}_{size}")
+    frame = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
+    for call in calls.values():
+        for _ in range(args.warmup):
+            call(frame)
+    times: dict[str, list[float]] = {engine: [] for engine in calls}
+    order = list(calls)
+    for repeat in range(args.repeats):
+        for engine in order[repeat % len(order) :] + order[: repeat % len(order)]:
+            start = time.perf_counter()
+            calls[engine](frame)
+            times[engine].append(time.perf_counter() - start)
+    row["fps"] = {engine: round(1.0 / statistics.median(values), 2) for engine, values in times.items()}
+    row["fps_best"] = {engine: round(1.0 / min(values), 2) for engine, values in times.items()}
+    fps = row["fps"]
+    row["ratios"] = {
+        name: round(fps[a] / fps[b], 2)
+        for name, (a, b) in {
+            "ort_fp32_vs_torch_fp32": ("ort_fp32", "torch_fp32"),
+            "ort_int8_vs_torch_fp32": ("ort_int8", "torch_fp32"),
+            "ort_int8_vs_torch_bf16": ("ort_int8", "torch_bf16"),
+            "ort_int8_vs_ort_fp32": ("ort_int8", "ort_fp32"),
+            "torch_bf16_vs_torch_fp32": ("torch_bf16", "torch_fp32"),
+        }.items()
+        if a in fps and b in fps
+    }
+    row["targets_met"] = {
+        name: row["ratios"][name] >= value for name, value in TARGETS.items() if name in row["ratios"]
+    }
+    if backbone == "efficientnet-lite0" and size == 352 and "ort_int8" in fps:
+        row["targets_met"]["lite0_int8_352_fps"] = fps["ort_int8"] >= LITE0_INT8_352_FPS
+    if args.profile:
+        row["profile"] = {}
+        for engine, session in sessions.items():
+            trace = session.end_profiling()
+            row["profile"][engine] = {"trace": trace, "op_share": op_shares(trace)}
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", default="resnet34,efficientnet-lite0", help="comma-separated backbones")
+    parser.add_argument("--sizes", default="256,352", help="comma-separated square input sizes")
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {ENGINES}")
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch threads and ORT intra-op threads (2)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed frames per engine (20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed frames per engine first (3)")
+    parser.add_argument("--calibration", type=int, default=16, help="INT8 calibration images (16)")
+    parser.add_argument("--data", type=Path, default=DATA, help="Kvasir-SEG folder for the calibration images")
+    parser.add_argument("--weights", help="a state dict of ECRMUNet (e.g. the bundle's models/model.pt)")
+    parser.add_argument("--network-kwargs", type=json.loads, default={}, help="JSON: ECRMUNet options of --weights")
+    parser.add_argument("--quantize-attention", action="store_true", help="quantise the memory attention too")
+    parser.add_argument("--profile", type=Path, help="folder for ONNX Runtime profiler traces")
+    parser.add_argument("--keep", type=Path, help="keep the exported models in this folder")
+    args = parser.parse_args(argv)
+    args.engines = [engine for engine in args.engines.split(",") if engine]
+    unknown = set(args.engines) - set(ENGINES)
+    if unknown:
+        parser.error(f"unknown engines {sorted(unknown)}; choose from {ENGINES}")
+    backbones = [name for name in args.backbones.split(",") if name]
+    if args.weights and len(backbones) != 1:
+        parser.error("--weights needs exactly one backbone (the one the weights are for)")
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        if args.keep:
+            folder = args.keep
+            folder.mkdir(parents=True, exist_ok=True)
+        for backbone in backbones:
+            for size in (int(value) for value in args.sizes.split(",")):
+                rows.append(measure(args, backbone, size, folder))
+    import onnxruntime
+
+    result = {
+        "benchmark": "onnx_speed",
+        "batch": 1,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "weights": args.weights or "random (memory filled with random prototypes)",
+        "targets": {**TARGETS, "lite0_int8_352_fps": LITE0_INT8_352_FPS},
+        "versions": {
+            "monai_ecrm": monai_ecrm.__version__,
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "results": rows,
+    }
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,755 @@
+"""ONNX export of ECRM-UNet with its memory inside, the model record stored in the ONNX file, INT8 quantisation, and
+an ONNX Runtime session for CPU inference.
+
+Export goes through MONAI's own ``python -m monai.bundle onnx_export`` with the bundle's ``configs/onnx_export.json``
+args file (the TorchScript tracer, ``dynamo: false``, opset 18, dynamic batch, height and width). The network is in
+eval mode, so its ECRM memory is frozen: the filled slots become an initializer of the graph, and the attention over
+them is part of the model. A network whose memory is empty exports without attention, exactly as it computes in
+eval mode; :func:`bundle_record` warns about it.
+
+MONAI writes no metadata into the ONNX file, so what a runtime needs to use the model (construction arguments,
+preprocessing, threshold, memory, and for INT8 the calibration) is written afterwards as one JSON record under the
+metadata key :data:`METADATA_KEY` (:func:`write_metadata`, :func:`read_metadata`)::
+
+    cd bundles/polyp_ecrm
+    python -m monai.bundle onnx_export network_def --filepath models/model.onnx --ckpt_file models/model.pt \\
+        --meta_file configs/metadata.json --config_file configs/inference.json --args_file configs/onnx_export.json
+    python -m monai_ecrm.onnx record --model models/model.onnx --config_file configs/inference.json \\
+        --meta_file configs/metadata.json --ckpt_file models/model.pt
+
+or both steps at once, with the same arguments (and the same ``--key value`` config overrides) as MONAI's command::
+
+    python -m monai_ecrm.onnx export --filepath models/model.onnx --ckpt_file models/model.pt \\
+        --meta_file configs/metadata.json --config_file configs/inference.json --args_file configs/onnx_export.json
+
+INT8 (static quantisation, QDQ format, per-channel weights, calibrated on training images preprocessed as the
+record says; the memory attention stays in float)::
+
+    python -m monai_ecrm.onnx quantize --model models/model.onnx --out models/model.int8.onnx \\
+        --datalist DATALIST.json --num-images 64
+
+:func:`load_onnx_session` opens either file for inference and refuses what is not such a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser, update_kwargs
+from monai.utils import optional_import
+from torch import nn
+
+import monai_ecrm
+from monai_ecrm.data import DataError
+from monai_ecrm.transforms import NORMALIZATIONS, infer_transforms
+
+onnx, _has_onnx = optional_import("onnx")
+ort, _has_ort = optional_import("onnxruntime")
+
+__all__ = [
+    "METADATA_KEY",
+    "SCHEMA_VERSION",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "EXPORT_CONVERTER_KWARGS",
+    "OnnxModelError",
+    "make_record",
+    "bundle_record",
+    "export_network",
+    "export_bundle",
+    "write_metadata",
+    "read_metadata",
+    "load_onnx_model",
+    "is_quantized",
+    "attention_nodes",
+    "calibration_items",
+    "quantize_int8",
+    "load_onnx_session",
+    "main",
+]
+
+#: key of the model record in the ONNX file's ``metadata_props``
+METADATA_KEY = "monai_ecrm.record"
+#: version of the record's layout (see :func:`make_record`)
+SCHEMA_VERSION = 1
+#: graph input and output names (also in ``configs/onnx_export.json``)
+INPUT_NAME = "image"
+OUTPUT_NAME = "pred"
+#: what ``configs/onnx_export.json`` passes to ``monai.networks.utils.convert_to_onnx``: the TorchScript tracer
+#: (``torch.export`` stops at the memory bank's fill count, a data-dependent value), opset 18, batch, height and
+#: width dynamic (list form: a JSON file cannot hold the integer keys of the named form)
+EXPORT_CONVERTER_KWARGS: dict[str, Any] = {
+    "dynamo": False,
+    "opset_version": 18,
+    "input_names": [INPUT_NAME],
+    "output_names": [OUTPUT_NAME],
+    "dynamic_axes": {INPUT_NAME: [0, 2, 3], OUTPUT_NAME: [0, 2, 3]},
+}
+#: ops that only a quantised graph holds
+_QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+}
+#: the ops of the memory attention (projections of the memory, scores, softmax, weighted sum): quantising them
+#: gains nothing measurable (a few tokens) and costs the attention's precision
+_ATTENTION_OPS = {"Gemm", "MatMul", "Softmax"}
+#: modules whose attention ops stay in float (ECRM's memory attention, ICRM's position attention)
+_ATTENTION_MODULES = {"ecrm", "icrm"}
+#: ops kept in float everywhere: a BatchNormalization left after the graph optimisations (ECRM's norm after the sum
+#: of its two fusion convolutions) has one scale per channel, which the quantiser can only quantise per tensor
+_FLOAT_OPS = {"BatchNormalization"}
+
+
+class OnnxModelError(ValueError):
+    """A file is not the ONNX model that was expected (not ONNX, another input layout, a record missing)."""
+
+
+def _require_onnx(runtime: bool = False) -> None:
+    if not _has_onnx or (runtime and not _has_ort):
+        raise ImportError('monai_ecrm.onnx needs onnx and onnxruntime: pip install "monai-ecrm[onnx]"')
+
+
+# ---------------------------------------------------------------------------------------------------- the record
+def _plain(value: Any) -> Any:
+    """``value`` as JSON data (tuples to lists, tensors and numpy scalars to numbers)."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        return _plain(np.asarray(value).tolist())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_record(
+    network_kwargs: Mapping[str, Any],
+    spatial_size: int | Sequence[int],
+    normalization: str,
+    threshold: float = 0.5,
+    network_target: str = "monai_ecrm.networks.nets.ECRMUNet",
+    memory: Mapping[str, Any] | None = None,
+    source: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The model record of an exported float32 model (schema version :data:`SCHEMA_VERSION`).
+
+    Fields: ``schema_version``; ``precision`` (``"float32"``, ``"int8"`` after :func:`quantize_int8`); ``network``
+    (``target`` and ``kwargs``: how to build the PyTorch network); ``input`` and ``output`` (names, layout, the
+    output's activation); ``preprocessing`` (``spatial_size`` ``[H, W]``, ``normalization`` name and its per-channel
+    ``mean``/``std`` on [0, 1] intensities, as :func:`monai_ecrm.transforms.infer_transforms` applies them);
+    ``threshold`` (on the sigmoid); ``memory`` (``slots``, ``filled``, optional ``cases``: the images it was filled
+    from); ``source`` (checkpoint, its SHA-256, versions, opset); ``calibration`` (INT8 only).
+
+    Args:
+        network_kwargs: the network's construction arguments (the bundle's ``network_def`` without ``_target_``).
+        spatial_size: the network input size of the preprocessing, an int for a square or ``[H, W]``.
+        normalization: a name of :data:`monai_ecrm.transforms.NORMALIZATIONS`.
+        threshold: probability threshold of the mask.
+        network_target: the network's class or function.
+        memory: ``{"slots": S, "filled": F, "cases": [...] or None}``.
+        source: where the weights come from (checkpoint path, hash, versions).
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}.")
+    mean, std = NORMALIZATIONS[normalization]
+    size = [int(spatial_size)] * 2 if isinstance(spatial_size, (int, np.integer)) else [int(s) for s in spatial_size]
+    out_channels = int(network_kwargs.get("out_channels", 1))
+    return _plain(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "precision": "float32",
+            "network": {"target": network_target, "kwargs": dict(network_kwargs)},
+            "input": {
+                "name": INPUT_NAME,
+                "layout": "NCHW",
+                "dtype": "float32",
+                "channels": int(network_kwargs.get("in_channels", 3)),
+                "dynamic_axes": ["batch", "height", "width"],
+            },
+            "output": {
+                "name": OUTPUT_NAME,
+                "kind": "logits",
+                "channels": out_channels,
+                "activation": "sigmoid" if out_channels == 1 else "softmax",
+            },
+            "preprocessing": {
+                "spatial_size": size,
+                "resize": "bilinear",
+                "intensity_range": [0.0, 1.0],
+                "normalization": normalization,
+                "mean": list(mean),
+                "std": list(std),
+            },
+            "threshold": float(threshold),
+            "memory": dict(memory) if memory is not None else None,
+            "source": dict(source or {}),
+        }
+    )
+
+
+def _versions() -> dict[str, str]:
+    import monai
+
+    return {"monai_ecrm": monai_ecrm.__version__, "monai": monai.__version__, "torch": torch.__version__.split("+")[0]}
+
+
+def _memory_from_state(state: Mapping[str, Any], cases: Sequence[str] | None) -> dict[str, Any] | None:
+    """``{"slots", "filled", "cases"}`` of the ECRM memory in a state dict (``None`` for a network without one)."""
+    keys = [key for key in state if key.endswith("memory.memory") and torch.is_tensor(state[key])]
+    if not keys:
+        return None
+    prefix = keys[0][: -len("memory")]
+    filled = int(torch.as_tensor(state.get(prefix + "filled", 0)))
+    if filled == 0:
+        warnings.warn(
+            "monai_ecrm.onnx: the checkpoint's ECRM memory is empty, so the exported model has no memory attention "
+            "(its eval-mode output). Fill it first (training, or monai_ecrm.handlers.refresh_memory).",
+            stacklevel=3,
+        )
+    return {"slots": int(state[keys[0]].shape[0]), "filled": filled, "cases": list(cases) if cases else None}
+
+
+def _read_cases(cases: str | os.PathLike | Sequence[str] | None) -> list[str] | None:
+    """Memory case names: a list, a JSON list file, or a text file with one name a line."""
+    if cases is None or isinstance(cases, (list, tuple)):
+        return list(cases) if cases else None
+    text = Path(cases).read_text()
+    if text.lstrip().startswith("["):
+        return [str(name) for name in json.loads(text)]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def bundle_record(
+    config_file: str | os.PathLike | Sequence[str | os.PathLike],
+    meta_file: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    ckpt_file: str | os.PathLike | None = None,
+    net_id: str = "network_def",
+    key_in_ckpt: str = "",
+    memory_cases: str | os.PathLike | Sequence[str] | None = None,
+    **override: Any,
+) -> dict[str, Any]:
+    """The model record of a bundle's network, read from its (inference) config as ``onnx_export`` reads it.
+
+    The network's construction arguments are ``net_id``'s entries resolved (``@backbone`` and the like); the
+    preprocessing comes from the config's ``spatial_size`` and ``normalization``, the threshold from ``threshold``
+    (0.5 if absent); the memory's fill count from the checkpoint.
+
+    Args:
+        config_file: the config file(s) the network is defined in.
+        meta_file: the bundle's ``metadata.json`` (optional).
+        ckpt_file: the checkpoint that was exported (hashed, and read for the memory's state).
+        net_id: the network's id in the config.
+        key_in_ckpt: the key of the weights in a nested checkpoint.
+        memory_cases: names of the images the memory was filled from (a list, a JSON list file or a text file).
+        override: config overrides, ``id=value``, as given to ``onnx_export``.
+    """
+    parser = ConfigParser()
+    parser.read_config(f=[str(f) for f in config_file] if isinstance(config_file, (list, tuple)) else str(config_file))
+    if meta_file is not None:
+        parser.read_meta(f=[str(f) for f in meta_file] if isinstance(meta_file, (list, tuple)) else str(meta_file))
+    for key, value in override.items():
+        parser[key] = value
+    definition = parser[net_id]
+    kwargs = {key: parser.get_parsed_content(f"{net_id}#{key}") for key in definition if not str(key).startswith("_")}
+    for needed in ("spatial_size", "normalization"):
+        if needed not in parser:
+            raise KeyError(f"bundle_record: the config has no {needed!r} entry (the preprocessing of the record).")
+    source: dict[str, Any] = {"exporter": "torch.onnx (TorchScript tracer)", **_versions()}
+    memory = None
+    if ckpt_file is not None:
+        source.update({"checkpoint": Path(ckpt_file).name, "checkpoint_sha256": _sha256(ckpt_file)})
+        state = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+        if key_in_ckpt:
+            state = state[key_in_ckpt]
+        memory = _memory_from_state(state, _read_cases(memory_cases))
+    return make_record(
+        kwargs,
+        spatial_size=parser.get_parsed_content("spatial_size"),
+        normalization=parser.get_parsed_content("normalization"),
+        threshold=parser.get_parsed_content("threshold") if "threshold" in parser else 0.5,
+        network_target=definition.get("_target_", "monai_ecrm.networks.nets.ECRMUNet"),
+        memory=memory,
+        source=source,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- metadata in ONNX
+def load_onnx_model(path: str | os.PathLike) -> Any:
+    """The ``onnx.ModelProto`` of ``path``, checked to be an ONNX image model with one float32 ``[N, C, H, W]``
+    input, ``C`` the record's ``input.channels`` (3, RGB, for a file without a record).
+
+    Raises:
+        OnnxModelError: ``path`` is missing, not ONNX, or its input has another layout (naming the file and what was
+            expected).
+    """
+    _require_onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxModelError(f"{path}: no such file (expected an ONNX model, e.g. models/model.onnx).")
+    try:
+        model = onnx.load(str(path))
+    except Exception as error:  # protobuf raises its own DecodeError, onnx a few others
+        raise OnnxModelError(
+            f"{path}: not an ONNX model ({type(error).__name__}: {error}). Expected a .onnx file written by "
+            "`python -m monai.bundle onnx_export` with configs/onnx_export.json (a .pt checkpoint is not one)."
+        ) from None
+    if model.ir_version <= 0 or not model.graph.node:
+        raise OnnxModelError(
+            f"{path}: not an ONNX model (no graph). Expected a .onnx file written by "
+            "`python -m monai.bundle onnx_export` with configs/onnx_export.json."
+        )
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializers]
+    in_channels = (_record_of(model).get("input") or {}).get("channels", 3)
+    expected = f"one float32 input [batch, {in_channels}, height, width] (NCHW)"
+    if len(inputs) != 1:
+        raise OnnxModelError(f"{path}: the model has {len(inputs)} inputs; expected {expected}.")
+    tensor_type = inputs[0].type.tensor_type
+    dims = [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim]
+    channel_ok = len(dims) == 4 and dims[1] == in_channels
+    if tensor_type.elem_type != onnx.TensorProto.FLOAT or not channel_ok:
+        elem = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
+        shape = ["?" if dim is None else dim for dim in dims]
+        raise OnnxModelError(f"{path}: input {inputs[0].name!r} is {elem} {shape}; expected {expected}.")
+    return model
+
+
+def write_metadata(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Write ``record`` (JSON data) into the ONNX file ``path`` under :data:`METADATA_KEY`, replacing an older one.
+
+    A record without ``schema_version`` gets the current one. The rest of the file is unchanged.
+    """
+    model = load_onnx_model(path)
+    record = {"schema_version": SCHEMA_VERSION, **_plain(dict(record))}
+    kept = [prop for prop in model.metadata_props if prop.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(record, sort_keys=True))
+    onnx.save(model, str(path))
+
+
+def _record_of(model: Any) -> dict[str, Any]:
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    return {}
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The model record of the ONNX file ``path`` (``{}`` when it has none, e.g. straight from ``onnx_export``)."""
+    return _record_of(load_onnx_model(path))
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether an ``onnx.ModelProto`` holds quantised operators (an INT8 model)."""
+    return any(node.op_type in _QUANTIZED_OPS for node in model.graph.node)
+
+
+# ------------------------------------------------------------------------------------------------------ export
+@contextlib.contextmanager
+def _expected_export_warnings() -> Iterator[None]:
+    """Silence the exporter's notes that are expected here: the memory's fill count is read as a constant (right: the
+    memory is frozen in eval mode), the dynamic axes are unnamed (the JSON args file gives them as lists), and the
+    legacy exporter is deprecated (it is the one that handles the memory)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"monai_ecrm\.networks\.blocks")
+        # MONAI's decoder compares skip and upsampled sizes: always equal here (the network pads to its stride)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"monai\.networks\.nets")
+        warnings.filterwarnings("ignore", message=r"No names were found for specified dynamic axes")
+        warnings.filterwarnings("ignore", message=r"Constant folding - Only steps=1")
+        warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning
+        )
+        yield
+
+
+def export_network(
+    network: nn.Module,
+    filepath: str | os.PathLike,
+    record: Mapping[str, Any] | None = None,
+    sample_shape: Sequence[int] = (1, 3, 352, 352),
+) -> Path:
+    """Export ``network`` (in eval mode, its memory frozen) to ``filepath`` with MONAI's ``convert_to_onnx`` and the
+    options of ``configs/onnx_export.json`` (:data:`EXPORT_CONVERTER_KWARGS`), then write ``record`` into it.
+
+    The graph takes any batch and any height and width (the network pads to its stride and crops back inside the
+    graph); ``sample_shape`` is only the tracing sample. The record gets the network's ``memory`` when it has
+    none, and the exporter's versions and opset in ``source``.
+    """
+    _require_onnx()
+    from monai.networks.utils import convert_to_onnx
+
+    network.eval()
+    if record is not None:
+        source = {"exporter": "torch.onnx (TorchScript tracer)", **_versions(), **(record.get("source") or {})}
+        source.setdefault("opset", EXPORT_CONVERTER_KWARGS["opset_version"])
+        record = {**record, "source": source}
+        if record.get("memory") is None:
+            record["memory"] = _memory_from_state(network.state_dict(), None)
+    filepath = Path(filepath)
+    filepath.parent.mkdir(parents=True, exist_ok=True)
+    with _expected_export_warnings():
+        model = convert_to_onnx(
+            network, [torch.rand(*sample_shape)], use_trace=True, **copy.deepcopy(EXPORT_CONVERTER_KWARGS)
+        )
+    onnx.save(model, str(filepath))
+    if record is not None:
+        write_metadata(filepath, record)
+    return filepath
+
+
+def export_bundle(
+    filepath: str | os.PathLike,
+    ckpt_file: str | os.PathLike,
+    config_file: str | os.PathLike | Sequence[str | os.PathLike],
+    meta_file: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    args_file: str | os.PathLike | None = None,
+    net_id: str | None = None,
+    memory_cases: str | os.PathLike | Sequence[str] | None = None,
+    **override: Any,
+) -> dict[str, Any]:
+    """MONAI's ``onnx_export`` of a bundle followed by :func:`write_metadata`: the arguments of
+    ``python -m monai.bundle onnx_export`` (``args_file`` defaults included), plus ``memory_cases``. Returns the
+    record written."""
+    from monai.bundle.scripts import onnx_export
+
+    def paths(value: Any) -> Any:
+        return [str(item) for item in value] if isinstance(value, (list, tuple)) else value and str(value)
+
+    arguments = update_kwargs(
+        args=str(args_file) if args_file else None,
+        net_id=net_id,
+        filepath=str(filepath),
+        ckpt_file=str(ckpt_file),
+        config_file=paths(config_file),
+        meta_file=paths(meta_file),
+        **override,
+    )
+    with _expected_export_warnings():
+        onnx_export(**arguments)
+    exported = {"net_id", "filepath", "ckpt_file", "config_file", "meta_file", "key_in_ckpt"}
+    options = {"use_trace", "input_shape", "converter_kwargs", "args_file"}
+    record = bundle_record(
+        config_file=arguments["config_file"],
+        meta_file=arguments.get("meta_file"),
+        ckpt_file=arguments["ckpt_file"],
+        net_id=arguments.get("net_id") or "network_def",
+        key_in_ckpt=arguments.get("key_in_ckpt") or "",
+        memory_cases=memory_cases,
+        **{key: value for key, value in arguments.items() if key not in exported | options},
+    )
+    record["source"]["opset"] = (arguments.get("converter_kwargs") or {}).get("opset_version")
+    write_metadata(arguments["filepath"], record)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------------- INT8
+def attention_nodes(model: Any) -> list[str]:
+    """Names of the attention nodes of an exported ECRM-UNet (ECRM: projections of the memory, scores, softmax,
+    weighted sum; ICRM likewise): the nodes :func:`quantize_int8` keeps in float by default."""
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type in _ATTENTION_OPS and _ATTENTION_MODULES & set(node.name.split("/"))
+    ]
+
+
+def calibration_items(
+    datalist: str | os.PathLike, num_images: int, data_list_key: str = "training", seed: int = 0
+) -> list[dict[str, Any]]:
+    """``num_images`` items drawn without replacement (seeded, then in datalist order) from a datalist JSON's
+    ``data_list_key`` list or from a folder (:func:`monai_ecrm.data.load_datalist`)."""
+    from monai_ecrm.data import load_datalist
+
+    items = load_datalist(datalist, data_list_key=data_list_key, verify="none")
+    if num_images < 1 or num_images > len(items):
+        raise ValueError(
+            f"calibration: {num_images} images asked for, {datalist} ({data_list_key!r}) holds {len(items)}."
+        )
+    chosen = np.sort(np.random.default_rng(seed).choice(len(items), size=num_images, replace=False))
+    return [items[int(index)] for index in chosen]
+
+
+def _preprocessing(record: Mapping[str, Any]) -> Any:
+    """The record's preprocessing as the bundle's inference transform (refusing a normalisation it cannot name)."""
+    prep = record["preprocessing"]
+    mean, std = NORMALIZATIONS.get(prep["normalization"], (None, None))
+    if mean is None or not (np.allclose(mean, prep["mean"]) and np.allclose(std, prep["std"])):
+        raise ValueError(f"record preprocessing {prep} does not match monai_ecrm.transforms.NORMALIZATIONS.")
+    return infer_transforms(spatial_size=prep["spatial_size"], normalization=prep["normalization"])
+
+
+class _CalibrationReader:
+    """ONNX Runtime ``CalibrationDataReader``: one preprocessed image ``[1, 3, H, W]`` per call."""
+
+    def __init__(self, items: Sequence[Mapping[str, Any]], record: Mapping[str, Any], input_name: str) -> None:
+        self.transform = _preprocessing(record)
+        self.input_name = input_name
+        self.items = list(items)
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.items):
+            return None
+        image = self.transform(dict(self.items[self.position]))["image"]
+        self.position += 1
+        return {self.input_name: np.asarray(image, dtype=np.float32)[None]}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def quantize_int8(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    datalist: str | os.PathLike,
+    num_images: int = 64,
+    data_list_key: str = "training",
+    seed: int = 0,
+    quantize_attention: bool = False,
+) -> dict[str, Any]:
+    """Write an INT8 copy of the float32 ONNX model ``model`` to ``out`` by static quantisation.
+
+    ONNX Runtime's quantiser: QDQ format, per-channel symmetric int8 weights, uint8 activations, min/max
+    calibration on ``num_images`` images of ``datalist`` (:func:`calibration_items`) preprocessed as the model's
+    record says. The memory attention stays in float unless ``quantize_attention``. The record, with a
+    ``calibration`` entry (images, datalist, a SHA-256 of their paths, settings), is written into ``out``.
+
+    Raises:
+        OnnxModelError: ``model`` is not an ECRM-UNet ONNX file with its record, or is already quantised.
+    """
+    _require_onnx(runtime=True)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    proto = load_onnx_model(model)
+    record = _record_of(proto)
+    if not record.get("preprocessing"):
+        raise OnnxModelError(
+            f"{model}: no model record (metadata {METADATA_KEY!r}), so its preprocessing is unknown; write it with "
+            "`python -m monai_ecrm.onnx record` first."
+        )
+    if is_quantized(proto):
+        raise OnnxModelError(f"{model}: already quantised; expected the float32 export.")
+    items = calibration_items(datalist, num_images, data_list_key, seed)
+    paths = [f"{item['image']}#{item.get('frame', '')}" if "frame" in item else str(item["image"]) for item in items]
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        # shape inference and ORT's graph optimisations (BatchNorm folding) first, as ONNX Runtime recommends
+        quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
+        prepared_model = onnx.load(str(prepared))
+        excluded = [node.name for node in prepared_model.graph.node if node.op_type in _FLOAT_OPS]
+        if not quantize_attention:
+            excluded += attention_nodes(prepared_model)
+        quantize_static(
+            str(prepared),
+            str(out),
+            _CalibrationReader(items, record, proto.graph.input[0].name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    record = dict(record)
+    record["precision"] = "int8"
+    record["calibration"] = {
+        "num_images": len(items),
+        "datalist": str(datalist),
+        "data_list_key": data_list_key,
+        "seed": seed,
+        "paths_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+        "method": "MinMax",
+        "format": "QDQ",
+        "per_channel": True,
+        "activations": "uint8",
+        "weights": "int8",
+        "float_nodes": excluded,
+        "float_model_sha256": _sha256(model),
+        "onnxruntime": ort.__version__,
+    }
+    write_metadata(out, record)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------------ runtime
+def load_onnx_session(
+    path: str | os.PathLike, threads: int = 2, require_record: bool = True, profile_prefix: str | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """An ONNX Runtime CPU session for the model file ``path`` and its record.
+
+    ``threads`` intra-op threads (one inter-op thread), all graph optimisations. ``profile_prefix`` turns on ORT's
+    profiler (``session.end_profiling()`` writes the JSON trace).
+
+    Raises:
+        OnnxModelError: ``path`` is not ONNX, has another input layout, has no record (with ``require_record``), or
+            is an INT8 model without its calibration record.
+    """
+    _require_onnx(runtime=True)
+    model = load_onnx_model(path)
+    record = _record_of(model)
+    if require_record and not record:
+        raise OnnxModelError(
+            f"{path}: no model record (metadata {METADATA_KEY!r}): its preprocessing and threshold are unknown. "
+            "Write it with `python -m monai_ecrm.onnx record --model ...` (or export with `python -m monai_ecrm.onnx "
+            "export`)."
+        )
+    if is_quantized(model) and not record.get("calibration"):
+        raise OnnxModelError(
+            f"{path}: an INT8 model without its calibration record (metadata {METADATA_KEY!r} with a 'calibration' "
+            "entry); expected a file written by `python -m monai_ecrm.onnx quantize`."
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return session, record
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def _overrides(extra: Sequence[str]) -> dict[str, Any]:
+    """``--key value`` pairs (config overrides, as MONAI's command takes them), values parsed as JSON when they can."""
+    overrides: dict[str, Any] = {}
+    pending: str | None = None
+    for token in extra:
+        if token.startswith("--"):
+            key, _, value = token[2:].partition("=")
+            if value:
+                overrides[key] = value
+            else:
+                pending = key
+            continue
+        if pending is None:
+            raise SystemExit(f"unexpected argument {token!r} (config overrides are --id value)")
+        overrides[pending], pending = token, None
+    if pending is not None:
+        raise SystemExit(f"--{pending} needs a value")
+    parsed = {}
+    for key, value in overrides.items():
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config_file", "--config-file", nargs="+", required=True, help="bundle config(s)")
+    parser.add_argument("--meta_file", "--meta-file", nargs="+", help="the bundle's metadata.json")
+    parser.add_argument("--ckpt_file", "--ckpt-file", help="the checkpoint (hashed, memory state read)")
+    parser.add_argument("--key_in_ckpt", "--key-in-ckpt", default="", help="key of the weights in the checkpoint")
+    parser.add_argument("--net_id", "--net-id", default=None, help="network id in the config (network_def)")
+    parser.add_argument("--memory-cases", help="JSON list or text file of the images the memory was filled from")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``export`` (MONAI's onnx_export, then the record), ``record`` (write the record into an exported file),
+    ``show`` (print a file's record), ``quantize`` (INT8 copy calibrated on training images)."""
+    parser = argparse.ArgumentParser(prog="python -m monai_ecrm.onnx", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="onnx_export of a bundle plus the model record; --id value overrides")
+    export.add_argument("--filepath", required=True, help="the ONNX file to write")
+    export.add_argument("--args_file", "--args-file", help="configs/onnx_export.json")
+    _bundle_arguments(export)
+    record = sub.add_parser("record", help="write the model record into an exported ONNX file")
+    record.add_argument("--model", required=True, help="the ONNX file")
+    _bundle_arguments(record)
+    show = sub.add_parser("show", help="print the model record of an ONNX file")
+    show.add_argument("model")
+    quantize = sub.add_parser("quantize", help="INT8 static quantisation calibrated on training images")
+    quantize.add_argument("--model", required=True, help="the float32 ONNX file (with its record)")
+    quantize.add_argument("--out", required=True, help="the INT8 ONNX file to write")
+    quantize.add_argument("--datalist", required=True, help="datalist JSON or image folder of training images")
+    quantize.add_argument("--data-list-key", default="training", help="the JSON's list (training)")
+    quantize.add_argument("--num-images", type=int, default=64, help="calibration images (64)")
+    quantize.add_argument("--seed", type=int, default=0, help="seed of the draw of the calibration images (0)")
+    quantize.add_argument("--quantize-attention", action="store_true", help="quantise the memory attention too")
+    args, extra = parser.parse_known_args(argv)
+    overrides = _overrides(extra)
+    if overrides and args.command not in ("export", "record"):
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    try:
+        _run(args, overrides)
+    except (OnnxModelError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    if args.command == "export":
+        result = export_bundle(
+            filepath=args.filepath,
+            ckpt_file=args.ckpt_file,
+            config_file=args.config_file,
+            meta_file=args.meta_file,
+            args_file=args.args_file,
+            net_id=args.net_id,
+            memory_cases=args.memory_cases,
+            key_in_ckpt=args.key_in_ckpt or None,
+            **overrides,
+        )
+        print(json.dumps({"model": args.filepath, "record": result}, indent=1))
+    elif args.command == "record":
+        result = bundle_record(
+            config_file=args.config_file,
+            meta_file=args.meta_file,
+            ckpt_file=args.ckpt_file,
+            net_id=args.net_id or "network_def",
+            key_in_ckpt=args.key_in_ckpt,
+            memory_cases=args.memory_cases,
+            **overrides,
+        )
+        write_metadata(args.model, result)
+        print(json.dumps({"model": args.model, "record": result}, indent=1))
+    elif args.command == "show":
+        print(json.dumps(read_metadata(args.model), indent=1))
+    else:
+        result = quantize_int8(
+            args.model,
+            args.out,
+            args.datalist,
+            num_images=args.num_images,
+            data_list_key=args.data_list_key,
+            seed=args.seed,
+            quantize_attention=args.quantize_attention,
+        )
+        print(json.dumps({"model": args.out, "calibration": result["calibration"]}, indent=1))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
