@@ -39,6 +39,7 @@ __all__ = [
     "write_pranet_datalist",
     "attach_handlers",
     "check_bundle_root",
+    "check_model",
     "require_model",
     "main",
 ]
@@ -245,6 +246,26 @@ def require_model(path: str | os.PathLike) -> str:
             "or pass --ckpt_path PATH to a model.pt."
         )
     return str(path)
+
+
+def check_model(
+    path: str | os.PathLike,
+    network: Any = None,
+    spatial_size: Any = None,
+    normalization: str | None = None,
+    threshold: float | None = None,
+) -> None:
+    """The bundle config's network, input size, normalisation (and threshold) checked against the record training
+    wrote beside the model (:func:`monai_ecrm.record.check_bundle_config`): a contradiction (a model trained at
+    64 px run at 352 px) exits with one line naming both values instead of running silently or with a traceback."""
+    from monai_ecrm.record import check_bundle_config
+
+    try:
+        check_bundle_config(
+            path, network=network, spatial_size=spatial_size, normalization=normalization, threshold=threshold
+        )
+    except ValueError as error:
+        sys.exit(f"error: {error}")
 
 
 def attach_handlers(engine: Any, *handlers: Any) -> Any:

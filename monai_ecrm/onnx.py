@@ -164,8 +164,8 @@ def make_record(
     (``target`` and ``kwargs``: how to build the PyTorch network); ``input`` and ``output`` (names, layout, the
     output's activation); ``preprocessing`` (``spatial_size`` ``[H, W]``, ``normalization`` name and its per-channel
     ``mean``/``std`` on [0, 1] intensities, as :func:`monai_ecrm.transforms.infer_transforms` applies them);
-    ``threshold`` (on the sigmoid); ``memory`` (``slots``, ``filled``, optional ``cases``: the images it was filled
-    from); ``source`` (checkpoint, its SHA-256, versions, opset); ``calibration`` (INT8 only).
+    ``threshold`` (on the sigmoid); ``memory`` (``slots``, ``filled``, optional ``sources``: the names of the cases
+    its slots were filled from, the key ``monai_ecrm.record`` uses too); ``source`` (checkpoint, its SHA-256, versions, opset); ``calibration`` (INT8 only).
 
     Args:
         network_kwargs: the network's construction arguments (the bundle's ``network_def`` without ``_target_``).
@@ -173,7 +173,7 @@ def make_record(
         normalization: a name of :data:`monai_ecrm.transforms.NORMALIZATIONS`.
         threshold: probability threshold of the mask.
         network_target: the network's class or function.
-        memory: ``{"slots": S, "filled": F, "cases": [...] or None}``.
+        memory: ``{"slots": S, "filled": F, "sources": [...] or None}``.
         source: where the weights come from (checkpoint path, hash, versions).
     """
     if normalization not in NORMALIZATIONS:
@@ -221,7 +221,7 @@ def _versions() -> dict[str, str]:
 
 
 def _memory_from_state(state: Mapping[str, Any], cases: Sequence[str] | None) -> dict[str, Any] | None:
-    """``{"slots", "filled", "cases"}`` of the ECRM memory in a state dict (``None`` for a network without one)."""
+    """``{"slots", "filled", "sources"}`` of the ECRM memory in a state dict (``None`` for a network without one)."""
     keys = [key for key in state if key.endswith("memory.memory") and torch.is_tensor(state[key])]
     if not keys:
         return None
@@ -233,7 +233,7 @@ def _memory_from_state(state: Mapping[str, Any], cases: Sequence[str] | None) ->
             "(its eval-mode output). Fill it first (training, or monai_ecrm.handlers.refresh_memory).",
             stacklevel=3,
         )
-    return {"slots": int(state[keys[0]].shape[0]), "filled": filled, "cases": list(cases) if cases else None}
+    return {"slots": int(state[keys[0]].shape[0]), "filled": filled, "sources": list(cases) if cases else None}
 
 
 def _read_cases(cases: str | os.PathLike | Sequence[str] | None) -> list[str] | None:

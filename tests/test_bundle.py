@@ -246,3 +246,17 @@ def test_bundle_ships_in_the_wheel(tmp_path):
     assert (Path(bundle_dir) / "docs" / "README.md").is_file() and (Path(bundle_dir) / "LICENSE").is_file()
     command = subprocess.run([str(venv / "bin" / "monai-ecrm-bundle"), "path"], capture_output=True, text=True)
     assert command.stdout.strip() == bundle_dir
+
+
+def test_a_config_that_contradicts_the_trained_model_is_refused_in_one_line(trained_bundle):
+    """The fixture was trained at 64 px: running it at another size must not happen silently."""
+    assert json.loads((trained_bundle / "models" / "model.json").read_text())["preprocessing"]["spatial_size"] == [
+        64,
+        64,
+    ]
+    args = [a for a in TINY if a not in ("--spatial_size", "64")]
+    result = bundle_run(trained_bundle, ["inference.json"], "--spatial_size", "128", *args, check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "spatial_size" in lines[0] and "64" in lines[0] and "128" in lines[0], lines

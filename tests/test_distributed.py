@@ -222,7 +222,7 @@ def test_bundle_trains_with_torchrun_on_two_cpu_ranks_and_its_checkpoint_loads_i
 
     models = bundle / "models"
     written = sorted(path.name for path in models.iterdir())
-    assert written == ["checkpoint_epoch=1.pt", "checkpoint_final.pt", "model.pt"], "rank 0 writes, once"
+    assert written == ["checkpoint_epoch=1.pt", "checkpoint_final.pt", "model.json", "model.pt"], "rank 0 writes, once"
     checkpoint = torch.load(models / "checkpoint_final.pt", weights_only=True, map_location="cpu")
     assert {"network", "optimizer", "trainer", "rng"} <= set(checkpoint)
     for state in (checkpoint["network"], torch.load(models / "model.pt", weights_only=True, map_location="cpu")):

@@ -191,8 +191,8 @@ def test_metadata_round_trip_replaces_the_record_and_keeps_other_entries(exporte
     assert record["schema_version"] == 1 and record["precision"] == "float32"
     assert record["network"]["kwargs"] == KWARGS
     assert record["preprocessing"]["mean"] == list(NORMALIZATIONS["lite"][0])
-    assert record["memory"] == {"slots": 4, "filled": 4, "cases": None}
-    record["memory"]["cases"] = ["case_a", "case_b"]
+    assert record["memory"] == {"slots": 4, "filled": 4, "sources": None}
+    record["memory"]["sources"] = ["case_a", "case_b"]
     write_metadata(path, record)
     assert read_metadata(path) == record
     props = {prop.key: prop.value for prop in onnx.load(str(path)).metadata_props}

@@ -8,6 +8,7 @@ from .batchnorm_refresh import BatchNormRefreshHandler, refresh_batchnorm
 from .evaluation_report import EvaluationReport, render_overlay
 from .memory_bank import MemoryBankHandler
 from .memory_refresh import MemoryRefreshHandler, refresh_memory
+from .model_record import ModelRecordHandler
 from .polyp_metric_handlers import EMeasure, PolypOverlap, SMeasure, WeightedFMeasure
 from .progress import ProgressBarHandler
 from .resume import PreserveRandomState, RandomState, latest_checkpoint
@@ -21,6 +22,7 @@ __all__ = [
     "EvaluationReport",
     "MemoryBankHandler",
     "MemoryRefreshHandler",
+    "ModelRecordHandler",
     "PolypOverlap",
     "PreserveNetworkState",
     "PreserveRandomState",
