@@ -3,12 +3,12 @@
 Prints one JSON object:
 
 - ``sample_frame``: the NEMA WG04 endoscopy frame (486x756 RGB, JPEG 2000 lossless) at its native size, through the
-  steps of one frame of a job, median over ``--repeats`` after a warm-up: ``decode_s`` (header, decodability check
-  and pixel decoding: :func:`monai_ecrm.dicom_seg.read_dicom_source`, :func:`~monai_ecrm.dicom_seg.iter_dicom_frames`),
+  steps of one frame of a job, median over ``--repeats`` after a warm-up: ``decode_s`` (header read once,
+  decodability check and pixel decoding: :meth:`monai_ecrm.clinical.DicomSource.read` and ``.frames``),
   ``preprocess_s`` (to tensor, resize to ``--spatial-size``, normalise), ``inference_s`` (the network),
-  ``postprocess_s`` (sigmoid, resize back, threshold), ``seg_write_s`` (SEG built with highdicom, written and renamed
-  into place); ``decoding_plugin`` names the JPEG 2000 decoder (imagecodecs where installed, else pydicom's first
-  available plugin, pylibjpeg).
+  ``postprocess_s`` (sigmoid, resize back, threshold), ``seg_write_s`` (SEG built with highdicom from the header read
+  for decoding, written and renamed into place); ``decoding_plugin`` names the JPEG 2000 decoder (imagecodecs where
+  installed, else pydicom's first available plugin, pylibjpeg).
   ``overhead_ratio`` = (decode + SEG writing) / inference; goal: at most 0.25. A single frame has nothing to overlap
   its decoding with: this is the cost of one frame processed on its own.
 - ``multiframe``: a ``--frames``-frame multi-frame secondary capture of the sample's size, as one job each way:
@@ -45,10 +45,8 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
-from monai_ecrm.data import probe_picture
+from monai_ecrm.clinical import ClinicalInference, DicomSource
 from monai_ecrm.data.image_io import dicom_decoding_plugin
-from monai_ecrm.dicom_seg import iter_dicom_frames, read_dicom_source
-from monai_ecrm.infer import ClinicalInference
 from monai_ecrm.networks.nets import ECRMUNet
 
 DEFAULT_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom_samples"
@@ -75,18 +73,16 @@ def _sample_frame(job: ClinicalInference, sample: Path, repeats: int) -> dict:
     writer = job.postprocessing.transforms[-1]
     for repeat in range(repeats + 1):
         start = time.perf_counter()
-        header = read_dicom_source(sample)
-        info = probe_picture(sample)
-        frame = next(iter_dicom_frames(sample, header, info))
+        source = DicomSource.read(sample)
+        frame = next(source.frames())
         decoded = time.perf_counter()
         data = job.preprocessing({"image": frame})
         preprocessed = time.perf_counter()
-        with torch.no_grad():
-            logits = job.model(data["image"].as_tensor()[None].to(job.device))
+        data["pred"] = job.runner(data["image"].as_tensor()).logits
         inferred = time.perf_counter()
-        data["pred"] = logits[0]
         data = post(data)
         postprocessed = time.perf_counter()
+        writer.use_source(source)  # as the job does: the SEG is built from the header read for decoding
         writer(data)
         written = time.perf_counter()
         if repeat == 0:  # warm-up: first-use imports, highdicom's standard tables, allocator
@@ -102,9 +98,9 @@ def _sample_frame(job: ClinicalInference, sample: Path, repeats: int) -> dict:
             ),
         ):
             steps[name].append(seconds)
-    syntax = header.file_meta.TransferSyntaxUID
+    syntax = source.dataset.file_meta.TransferSyntaxUID
     result = {
-        "size": [info.height, info.width],
+        "size": [source.info.height, source.info.width],
         "transfer_syntax": syntax.name,
         "decoding_plugin": dicom_decoding_plugin(syntax) or "pydicom's first available",
     }
@@ -175,20 +171,20 @@ def _job(job: ClinicalInference, path: Path, frames: int) -> dict:
 
 def _inference_alone(job: ClinicalInference, path: Path, repeats: int) -> float:
     """Median seconds of the network on one frame's input, nothing else running."""
-    frame = next(iter_dicom_frames(path))
-    image = job.preprocessing({"image": frame})["image"].as_tensor()[None].to(job.device)
+    frame = next(DicomSource.read(path).frames())
+    image = job.preprocessing({"image": frame})["image"].as_tensor()
     times = []
     with torch.no_grad():
         for repeat in range(repeats + 1):
             start = time.perf_counter()
-            job.model(image)
+            job.runner(image)
             if repeat:  # the first is a warm-up
                 times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def _multiframe(job: ClinicalInference, path: Path, frames: int, repeats: int) -> dict:
-    header = read_dicom_source(path)
+    header = DicomSource.read(path).dataset
     syntax = header.file_meta.TransferSyntaxUID
     report = {
         "frames": frames,

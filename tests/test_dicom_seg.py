@@ -16,19 +16,10 @@ import pytest
 from conftest_data import dicom_dataset, real_data, write_dicom
 from pydicom.uid import ExplicitVRLittleEndian
 
+from monai_ecrm.clinical.seg import ALGORITHM_NAME, POLYP_CATEGORY, POLYP_TYPE, build_dicom_seg, bundle_version
+from monai_ecrm.clinical.sources import DecodedFrame, NotAnImageError, iter_dicom_frames, read_dicom_source
 from monai_ecrm.data import DataError, read_picture
 from monai_ecrm.data.image_io import IMAGECODECS_PLUGIN, dicom_decoding_plugin
-from monai_ecrm.dicom_seg import (
-    ALGORITHM_NAME,
-    POLYP_CATEGORY,
-    POLYP_TYPE,
-    DecodedFrame,
-    NotAnImageError,
-    build_dicom_seg,
-    bundle_version,
-    iter_dicom_frames,
-    read_dicom_source,
-)
 
 MULTIFRAME_TRUE_COLOR_SC = "1.2.840.10008.5.1.4.1.1.7.4"
 MULTIFRAME_GRAYSCALE_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"

@@ -20,9 +20,10 @@ from conftest_data import dicom_dataset, real_data, write_dicom, write_png
 from PIL import Image
 from test_dicom_seg import multiframe_dicom, structured_report, video_frames
 
+from monai_ecrm.clinical.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from monai_ecrm.clinical.seg import bundle_version
+from monai_ecrm.clinical.writing import PARTIAL_DIR
 from monai_ecrm.data import read_picture
-from monai_ecrm.dicom_seg import PARTIAL_DIR, bundle_version
-from monai_ecrm.infer import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 
 TINY = {"backbone": "resnet10", "bank_size": 2}
 TINY_ARGS = ["--backbone", "resnet10", "--bank-size", "2", "--spatial-size", "64", "--no-progress"]
@@ -143,7 +144,7 @@ def test_real_dicom_frame_seg_equals_the_bundle_png_mask(tmp_path, ecrm_checkpoi
 
 _PEAK_RUNNER = """
 import json, resource, sys
-from monai_ecrm.infer import main
+from monai_ecrm.clinical.cli import main
 
 def reset_peak():
     try:
@@ -298,7 +299,7 @@ def _mixed_folder(folder: Path) -> Path:
 
 
 def test_interrupted_run_resumed_gives_the_same_outputs(tmp_path, torchscript_model, monkeypatch):
-    import monai_ecrm.dicom_seg as dicom_seg
+    import monai_ecrm.clinical.writing as writing
 
     inputs = _mixed_folder(tmp_path / "in")
     args = ["--torchscript", str(torchscript_model), "--spatial-size", "32", "--no-progress", "--dicom-png"]
@@ -306,7 +307,7 @@ def test_interrupted_run_resumed_gives_the_same_outputs(tmp_path, torchscript_mo
     assert main([str(inputs), "-o", str(reference), *args]) == EXIT_OK
 
     renames = []
-    original = dicom_seg._replace
+    original = writing._replace
 
     def interrupted(source, destination):
         renames.append(destination)
@@ -314,9 +315,9 @@ def test_interrupted_run_resumed_gives_the_same_outputs(tmp_path, torchscript_mo
             raise KeyboardInterrupt
         original(source, destination)
 
-    monkeypatch.setattr(dicom_seg, "_replace", interrupted)
+    monkeypatch.setattr(writing, "_replace", interrupted)
     assert main([str(inputs), "-o", str(resumed), *args]) == 130
-    monkeypatch.setattr(dicom_seg, "_replace", original)
+    monkeypatch.setattr(writing, "_replace", original)
     assert sorted(p.name for p in resumed.iterdir()) == ["a_seg.png", "report.csv"], "no half-written output"
 
     assert main([str(inputs), "-o", str(resumed), *args]) == EXIT_OK
@@ -359,7 +360,7 @@ def test_bundle_folder_and_a_checkpoint_that_does_not_fit(tmp_path, ecrm_checkpo
 def test_pipelined_job_equals_the_sequential_job(tmp_path, torchscript_model):
     """Decoding ahead in a background thread changes nothing a user sees: the same results in input order, the same
     reports for a bad frame and a bad file, the same masks frame by frame."""
-    from monai_ecrm.infer import ClinicalInference, find_inputs, load_model
+    from monai_ecrm.clinical import ClinicalInference, find_inputs, load_model
 
     inputs = _mixed_folder(tmp_path / "in")
     multiframe_dicom(inputs / "e.dcm", video_frames(5, 36, 48), rle=True, bad_frames=(2,))

@@ -1,0 +1,286 @@
+""":class:`ClinicalInference`: segment input files one by one and say what happened to each.
+
+A job goes through every input and reports each one (:class:`~monai_ecrm.clinical.report.InputResult`: written,
+skipped because its outputs exist, skipped because it is no image, failed, or partial when some frames could not be
+decoded), so a bad file never stops the rest. Outputs appear under their final names only when complete, and a rerun
+skips the inputs whose outputs exist: an interrupted job is resumed by running it again.
+
+Each input's header is read once (:class:`~monai_ecrm.clinical.sources.InputFile`); for DICOM it serves the decoding
+of the frames and the SEG. While the network runs on a frame, a background thread reads, decodes and pre-processes
+the next ones (two ahead, of the same file or the next files; ``prefetch``). The model runner and the writing stay in
+the calling thread, in input order, so outputs, reports and interruption behave as when each frame is processed in
+turn. The prefetch thread hands over a stream of events: an :class:`~monai_ecrm.clinical.report.InputResult` for an
+input settled before decoding, else a ``_FileJob``, then each frame's network input (or the ``DataError`` of a frame
+that cannot be decoded), then a ``_FileEnd``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_ecrm.clinical.pipeline import clinical_postprocessing, clinical_preprocessing
+from monai_ecrm.clinical.prefetch import prefetched
+from monai_ecrm.clinical.report import InputResult, describe_problem
+from monai_ecrm.clinical.runner import ModelRunner, TorchRunner
+from monai_ecrm.clinical.save import SaveDicomSegd
+from monai_ecrm.clinical.sources import DicomSource, InputFile, NotAnImageError
+from monai_ecrm.clinical.writing import expected_outputs
+from monai_ecrm.data.errors import DataError
+from monai_ecrm.data.image_io import picture_format
+
+__all__ = ["ClinicalInference"]
+
+_INPUT_ERRORS = (DataError, ValueError, RuntimeError, OSError)
+"""What reading, decoding, running or writing an input may raise: reported for that input, the job goes on."""
+
+
+@dataclass
+class _FileJob:
+    """An input being segmented: what :meth:`ClinicalInference._finish` needs to report it."""
+
+    path: Path
+    fmt: str
+    expected: list[Path]
+    num_frames: int = 0
+    dicom: DicomSource | None = None
+    problems: list[str] = field(default_factory=list)
+    segmented: int = 0
+    columns: dict[str, list[str]] = field(default_factory=dict)
+    error: Exception | None = None
+
+    def add_frame(self, columns: dict[str, str]) -> None:
+        """Count a segmented frame and keep its report values."""
+        self.segmented += 1
+        for name, value in columns.items():
+            self.columns.setdefault(name, []).append(str(value))
+
+
+@dataclass
+class _FileEnd:
+    """The last event of an input: every frame was handed over, or ``error`` stopped it."""
+
+    job: _FileJob
+    error: Exception | None
+
+
+class ClinicalInference:
+    """Segment input files one by one with the bundle's pre- and post-processing and write what
+    :class:`~monai_ecrm.clinical.save.SaveDicomSegd` writes; DICOM images are decoded frame by frame from the file.
+
+    Args:
+        model: the model: a PyTorch module (eval mode, logits ``[B, 1, H, W]`` for images ``[B, 3, H, W]``), run by a
+            :class:`~monai_ecrm.clinical.runner.TorchRunner` on ``device``, or any
+            :class:`~monai_ecrm.clinical.runner.ModelRunner`.
+        output_dir: the output folder.
+        spatial_size: network input size.
+        normalization: input normalisation name (see :func:`~monai_ecrm.clinical.pipeline.clinical_preprocessing`).
+        threshold: foreground probability threshold.
+        probabilities: write probabilities rather than masks (FRACTIONAL SEG, 0..255 PNG, float NIfTI).
+        dicom_png: also write PNG masks for DICOM inputs.
+        overwrite: process inputs whose outputs exist (otherwise they are skipped).
+        data_root_dir: keep the inputs' sub-folders below this folder in the output.
+        device: where a PyTorch ``model`` runs.
+        progress: show progress bars (files, and frames of multi-frame files).
+        bundle_root: the bundle whose version names the algorithm in the SEGs.
+        algorithm_parameters: parameters listed in the SEGs' algorithm identification.
+        prefetch: frames decoded and pre-processed ahead, in a background thread, while the network runs on the
+            current one (across the frames of a file and across files); 0 decodes each frame when it is needed.
+            Each frame ahead holds one decoded frame and its network input, so memory does not grow with the video.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | ModelRunner,
+        output_dir: str | os.PathLike,
+        spatial_size: int | Sequence[int] = 352,
+        normalization: str = "imagenet",
+        threshold: float = 0.5,
+        probabilities: bool = False,
+        dicom_png: bool = False,
+        overwrite: bool = False,
+        data_root_dir: str | os.PathLike = "",
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+        bundle_root: str | os.PathLike | None = None,
+        algorithm_parameters: dict[str, Any] | None = None,
+        prefetch: int = 2,
+    ) -> None:
+        self.runner: ModelRunner = TorchRunner(model, device) if isinstance(model, torch.nn.Module) else model
+        self.output_dir = Path(output_dir)
+        self.prefetch = prefetch
+        self.dicom_png = dicom_png
+        self.overwrite = overwrite
+        self.data_root_dir = data_root_dir
+        self.progress = progress
+        parameters = {"input_size": spatial_size, "normalization": normalization, **(algorithm_parameters or {})}
+        self.preprocessing = clinical_preprocessing(spatial_size, normalization)
+        self.postprocessing = clinical_postprocessing(
+            self.preprocessing,
+            output_dir,
+            threshold=threshold,
+            probabilities=probabilities,
+            dicom_png=dicom_png,
+            data_root_dir=data_root_dir,
+            bundle_root=bundle_root,
+            algorithm_parameters=parameters,
+        )
+        self.writer: SaveDicomSegd = self.postprocessing.transforms[-1]
+
+    def process(self, path: str | os.PathLike) -> InputResult:
+        """Segment one input file and say what happened (errors are reported, not raised).
+
+        Args:
+            path: the input file.
+        """
+        with prefetched(self._events([path]), self.prefetch) as events:
+            return next(self._results(events))
+
+    def run(self, inputs: Sequence[str | os.PathLike], results: list[InputResult] | None = None) -> list[InputResult]:
+        """Process every input (a progress bar over the files) and return what happened to each.
+
+        The next frames (of this file or the next ones) are decoded in a background thread while the network runs
+        (``prefetch``); results, outputs and their order are those of processing one frame after the other.
+
+        Args:
+            inputs: input files (see :func:`~monai_ecrm.clinical.sources.find_inputs`).
+            results: list to append the results to as they come (what is done when the job is interrupted).
+        """
+        results = [] if results is None else results
+        try:
+            with prefetched(self._events(inputs), self.prefetch) as events:
+                for result in _progress(self._results(events), len(inputs), self.progress, "inputs", unit="file"):
+                    results.append(result)
+        finally:
+            self.writer.close()
+        return results
+
+    # ------------------------------------------------------------------------------- prefetch thread: reading
+    def _outputs(self, path: Path, fmt: str, num_frames: int | None) -> list[Path]:
+        return expected_outputs(path, fmt, num_frames, self.output_dir, self.data_root_dir, self.dicom_png)
+
+    def _done(self, outputs: list[Path]) -> bool:
+        return bool(outputs) and not self.overwrite and all(output.is_file() for output in outputs)
+
+    def _preprocess(self, item: dict[str, Any]) -> dict[str, Any] | DataError:
+        """The network input of a frame, or the error that names the frame."""
+        try:
+            return self.preprocessing(item)
+        except DataError as error:
+            return error
+
+    def _events(self, paths: Iterable[str | os.PathLike]) -> Iterator[Any]:
+        """What the prefetch thread hands over, in input order (see the module docstring)."""
+        for path in map(Path, paths):
+            try:
+                fmt = picture_format(path)
+            except DataError as error:
+                yield InputResult(str(path), "skipped", detail=describe_problem(error))
+                continue
+            expected: list[Path] = []
+            named_without_header = fmt == "dicom" and not self.dicom_png  # a SEG's name needs no header
+            if named_without_header:
+                expected = self._outputs(path, fmt, None)
+                if self._done(expected):
+                    yield InputResult(str(path), "skipped-existing", [str(output) for output in expected])
+                    continue
+            try:
+                source = InputFile.read(path, fmt)
+            except _INPUT_ERRORS as error:  # NotAnImageError included
+                yield _FileEnd(_FileJob(path, fmt, expected), error)
+                continue
+            if not named_without_header:
+                expected = self._outputs(path, fmt, source.num_frames)
+                if self._done(expected):
+                    yield InputResult(str(path), "skipped-existing", [str(output) for output in expected])
+                    continue
+            job = _FileJob(path, fmt, expected, source.num_frames, source.dicom)
+            yield job
+            try:
+                for item in source.items():
+                    yield item if isinstance(item, DataError) else self._preprocess(item)
+            except _INPUT_ERRORS as error:
+                yield _FileEnd(job, error)
+            else:
+                yield _FileEnd(job, None)
+
+    # --------------------------------------------------------------------- calling thread: network and writing
+    def _segment(self, data: dict[str, Any]) -> dict[str, str]:
+        """Run the model on a frame's network input and write its outputs; the frame's report values."""
+        output = self.runner(data["image"].as_tensor())
+        data["pred"] = output.logits
+        self.postprocessing(data)
+        return output.columns
+
+    def _results(self, events: Iterable[Any]) -> Iterator[InputResult]:
+        """Segment the frames of :meth:`_events` and say what happened to each input, in order."""
+        job: _FileJob | None = None
+        bar = None
+        for event in events:
+            if isinstance(event, InputResult):
+                yield event
+            elif isinstance(event, _FileJob):
+                job = event
+                if job.dicom is not None:
+                    self.writer.use_source(job.dicom)
+                if self.progress and job.num_frames > 1:
+                    bar = _progress(None, job.num_frames, True, job.path.name)
+            elif isinstance(event, _FileEnd):
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                yield self._finish(event.job, event.error)
+                job = None
+            elif job is not None and job.error is None:  # a frame of the current file, unless the file failed
+                if bar is not None:
+                    bar.update()
+                if isinstance(event, DataError):
+                    job.problems.append(describe_problem(event))
+                    continue
+                try:
+                    job.add_frame(self._segment(event))
+                except DataError as error:
+                    job.problems.append(describe_problem(error))
+                except (ValueError, RuntimeError, OSError) as error:
+                    job.error = error
+
+    def _finish(self, job: _FileJob, error: Exception | None) -> InputResult:
+        """The result of an input whose frames were all segmented, reported or given up."""
+        path = job.path
+        error = job.error or error
+        if error is None and job.fmt == "dicom":
+            try:
+                self.writer.flush(path)
+            except _INPUT_ERRORS as flush_error:
+                error = flush_error
+        if isinstance(error, NotAnImageError):
+            return InputResult(str(path), "skipped", detail=describe_problem(error))
+        problems, segmented = job.problems, job.segmented
+        if error is not None:
+            self.writer.discard(path)
+            problems.append(describe_problem(error))
+            segmented = 0
+        written = [str(output) for output in job.expected if output.is_file()]
+        if not problems and len(written) < len(job.expected):
+            problems.append(f"not written: {', '.join(str(o) for o in job.expected if str(o) not in written)}")
+        columns = {name: ";".join(values) for name, values in job.columns.items()}
+        if not problems:
+            return InputResult(str(path), "written", written, columns=columns)
+        status = "partial" if segmented and written else "failed"
+        if status == "partial":
+            problems.insert(0, f"{segmented} of {job.num_frames} frames segmented")
+        return InputResult(str(path), status, written, "; ".join(problems), columns)
+
+
+def _progress(items: Iterable[Any] | None, total: int, enabled: bool, description: str, unit: str = "frame"):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=description, unit=unit, leave=unit == "file", file=sys.stderr)
