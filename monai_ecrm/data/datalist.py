@@ -95,8 +95,7 @@ def _finish(
                 header += " (no usable item left)"
             raise DataError(problems, header=header)
         message = format_problems(problems, header=header + f"; {len(items)} good item(s) kept")
-        logger.warning(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=3)  # once: a logger line as well printed every problem twice
     return items
 
 
