@@ -17,6 +17,7 @@ Variants selected by validation mDice then run on more seeds with ``--seeds 1,2`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,18 +92,54 @@ def variant_argv(name: str, seeds: str, extra: list[str]) -> list[str]:
     return argv
 
 
+def _claim(run_args, model: str, init: str, seed: int) -> Path | None:
+    """A lock file for one run, so that two lanes given overlapping lists never train the same run at once; ``None``
+    when another lane holds it (a lock left by a killed lane is removed by hand)."""
+    name = f"{pa.model_name(model, run_args).replace('/', '-')}-{init}-seed{seed}"
+    lock = Path(run_args.work_dir) / f"{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return None
+    return lock
+
+
+def top_variants(work_dir: Path, count: int) -> list[str]:
+    """The ``count`` ECRM variants with the best validation mDice among the finished seed-0 runs of ``work_dir``
+    (selection by the validation split only; the test sets play no part)."""
+    import json
+
+    scored = []
+    for path in Path(work_dir).glob("ecrm*-pretrained-seed0/result.json"):
+        result = json.loads(path.read_text())
+        variant = result["model"].split("/", 1)[1] if "/" in result["model"] else "dcrnet"
+        if variant in VARIANTS and "val" in result["summary"]:
+            scored.append((result["summary"]["val"]["dice"], variant))
+    return [variant for _, variant in sorted(scored, reverse=True)[:count]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="", help="comma list of variant names (see --list)")
     parser.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--list", action="store_true", help="print the variants and their options")
+    parser.add_argument(
+        "--top",
+        type=int,
+        default=0,
+        help="also run the N ECRM variants with the best seed-0 validation mDice in --work-dir (after --variants)",
+    )
     args, extra = parser.parse_known_args()
     if args.list:
         for name, options in VARIANTS.items():
             print(f"{name:24s} {' '.join(options)}")
         return
     names = [n for n in args.variants.split(",") if n]
+    if args.top:
+        names += [n for n in top_variants(args.work_dir, args.top) if n not in names]
+        print(f"[study] variants: {', '.join(names)}", flush=True)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
@@ -133,9 +170,16 @@ def main() -> None:
         for seed in run_args.seeds:
             for init in run_args.init:
                 for model in run_args.models:
-                    tic = time.perf_counter()
-                    pa.run_one(model, init, seed, run_args, datalists, get_data, get_val)
-                    print(f"[study] {name} seed {seed}: {time.perf_counter() - tic:.0f} s", flush=True)
+                    claim = _claim(run_args, model, init, seed)
+                    if claim is None:
+                        print(f"[study] {name} seed {seed}: another lane has it, skipped", flush=True)
+                        continue
+                    try:
+                        tic = time.perf_counter()
+                        pa.run_one(model, init, seed, run_args, datalists, get_data, get_val)
+                        print(f"[study] {name} seed {seed}: {time.perf_counter() - tic:.0f} s", flush=True)
+                    finally:
+                        claim.unlink(missing_ok=True)
                     pa.write_outputs(run_args)
 
 

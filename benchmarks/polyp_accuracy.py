@@ -650,7 +650,8 @@ def run_one(
         images = data.memory_images()
         last = torch.utils.data.Subset(images, range(max(0, len(images) - args.bank_size), len(images)))
         loader = torch.utils.data.DataLoader(last, batch_size=16, shuffle=False)
-        refreshed = refresh_memory(net, loader, device=torch.device(args.device))
+        names = _ids([datalists["train"][index] for index in last.indices])  # folder/stem of each memory case
+        refreshed = refresh_memory(net, loader, device=torch.device(args.device), source_names=names)
         _log(run_dir, f"memory refreshed with the final weights from {refreshed} training images")
     _atomic_save(net.state_dict(), weights_path)
     refresh_seconds = time.perf_counter() - tic

@@ -143,3 +143,40 @@ def test_memory_attention_of_an_empty_memory_is_all_zero_and_no_ecrm_is_an_error
     assert (net.memory_attention(torch.randn(1, 3, 64, 64)) == 0).all()
     with pytest.raises(ValueError, match="no ECRM"):
         _net(use_ecrm=False).memory_attention(torch.randn(1, 3, 64, 64))
+
+
+def test_case_names_travel_with_the_weights_and_torchscript_and_must_belong_to_the_memory(tmp_path):
+    from monai.data import Dataset
+
+    items = [{"image": f"/data/{folder}/images/{i}.png"} for folder in ("kvasir", "clinicdb") for i in range(3)]
+    dataset = Dataset(items, transform=lambda item: {"image": torch.randn(3, 32, 32)})
+    net = _net(bank_size=4)
+    refresh_memory(net, torch.utils.data.DataLoader(dataset, batch_size=4))
+    names = net.ecrm.memory.slot_names()
+    assert sorted(names) == [
+        "clinicdb/images/0.png",
+        "clinicdb/images/1.png",
+        "clinicdb/images/2.png",
+        "kvasir/images/2.png",
+    ]
+    path = tmp_path / "model.pt"
+    torch.save(net.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert all(torch.is_tensor(value) for value in state.values()), "state dicts stay all-tensor"
+    loaded = _net(bank_size=4)
+    loaded.load_state_dict(state, strict=True)
+    assert loaded.ecrm.memory.slot_names() == names, "model.pt alone names the cases"
+    scripted = torch.jit.script(loaded)
+    torch.jit.save(scripted, str(tmp_path / "model.ts"))
+    restored = torch.jit.load(str(tmp_path / "model.ts"))
+    assert list(restored.ecrm.memory.source_names) == loaded.ecrm.memory.source_names, "TorchScript keeps them"
+    old = {k: v for k, v in state.items() if "source_names" not in k}  # a model.pt from before names
+    unnamed = _net(bank_size=4)
+    unnamed.load_state_dict(old, strict=True)
+    assert unnamed.ecrm.memory.slot_names() == [None] * 4
+    with pytest.raises(ValueError, match="another memory"):
+        unnamed.ecrm.memory.set_source_names(["only one name"])
+    foreign = dict(state)
+    foreign["ecrm.memory.source_names_utf8"] = torch.tensor(list(b"a\nb"), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="another memory"):
+        _net(bank_size=4).load_state_dict(foreign)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["MemoryRefreshHandler", "REFRESH_MODES", "refresh_memory"]
+__all__ = ["MemoryRefreshHandler", "REFRESH_MODES", "refresh_memory", "refresh_set_names"]
 
 
 #: accepted values of ``refresh_memory(distributed=...)``
@@ -83,6 +85,7 @@ def refresh_memory(
     reset: bool = True,
     distributed: str = "auto",
     label_key: str = "label",
+    source_names: Sequence[str] | None = None,
 ) -> int:
     """Rebuild the ECRM memory from a set of images with the network's current weights.
 
@@ -135,7 +138,10 @@ def refresh_memory(
 
     Provenance: every slot records which case wrote it (``MemoryBank.sources``): the item's ``case_index`` when dict
     items carry one, else its position in ``loader_or_dataset`` (0, 1, ... in the order yielded), so that
-    ``sources`` indexes the refresh set (under ``"sharded"`` each rank counts its own shard).
+    ``sources`` indexes the refresh set (under ``"sharded"`` each rank counts its own shard). The names of the
+    cases (``MemoryBank.source_names``) are ``source_names`` when given, else the refresh set's image paths relative
+    to their common folder when its items are dicts of file paths (a MONAI ``Dataset``'s ``data``, a list), as
+    :func:`refresh_set_names` reads them; under ``"sharded"`` only when given.
 
     Returns:
         The number of prototypes written (one per image, over all ranks when sharded; refused ones not counted); the
@@ -155,8 +161,13 @@ def refresh_memory(
         _check_equal_batch_counts(loader_or_dataset, bank.memory.device)
     rejected_before = int(bank.rejected)
     images = 0
+    names = list(source_names) if source_names is not None else None
+    if names is None and mode != "sharded":
+        names = refresh_set_names(loader_or_dataset, image_key)
     with untouched_random_state():
         images = _refresh(network, ecrm, bank, loader_or_dataset, device, image_key, reset, mode, label_key)
+    if names is not None and reset:
+        bank._store_names(names)  # every rank derives the same names: equal buffers before the broadcast
     written = torch.tensor([images - (int(bank.rejected) - rejected_before)], dtype=torch.long)
     if mode == "replicated":
         written = written.to(bank.memory.device)
@@ -164,6 +175,41 @@ def refresh_memory(
             torch.distributed.broadcast(buffer, src=0)
         torch.distributed.broadcast(written, src=0)
     return int(written.item())
+
+
+def refresh_set_names(source: Iterable, image_key: str = "image") -> list[str] | None:
+    """The case names of a refresh set in the order it is yielded: each item's image path relative to the folder
+    common to all of them (``kvasir_seg/images/cju0qkwl35piu0993l0dewei2.jpg``), read from the items of a MONAI
+    ``Dataset`` (its ``data``, behind a ``DataLoader`` and ``Subset`` too) or a list; a multi-frame item gets its
+    frame (``video.dcm#12``). ``None`` when the items carry no path (tensors), or when a shuffling or distributed
+    sampler makes the order unknown."""
+    items: Any = source
+    indices: list[int] | None = None
+    if isinstance(source, DataLoader):
+        sampler = source.sampler
+        if not isinstance(sampler, torch.utils.data.SequentialSampler):
+            return None
+        items = source.dataset
+    while isinstance(items, torch.utils.data.Subset):
+        indices = [int(items.indices[i]) for i in indices] if indices is not None else [int(i) for i in items.indices]
+        items = items.dataset
+    data = getattr(items, "data", items)
+    if not isinstance(data, (list, tuple)) or not data:
+        return None
+    chosen = [data[i] for i in indices] if indices is not None else list(data)
+    paths = []
+    for item in chosen:
+        path = item.get(image_key) if isinstance(item, Mapping) else None
+        if not isinstance(path, (str, os.PathLike)):
+            return None
+        frame = item.get("frame") if isinstance(item, Mapping) else None
+        paths.append((Path(path).resolve(), frame))
+    root = Path(os.path.commonpath([str(path.parent) for path, _ in paths]))
+    names = []
+    for path, frame in paths:
+        name = path.relative_to(root).as_posix()
+        names.append(f"{name}#{int(frame)}" if frame is not None else name)
+    return names
 
 
 def _refresh(

@@ -152,10 +152,22 @@ class PreserveNetworkState:
     def __call__(self, engine: Engine | None = None) -> None:
         if self._saved is None:
             return
+        from monai_ecrm.networks.blocks.memory_bank import MemoryBank
+
+        network = self._network(engine)
         with torch.no_grad():
-            for name, buffer in self._network(engine).named_buffers():
-                if name in self._saved:
-                    buffer.copy_(self._saved[name])
+            for module_name, module in network.named_modules():
+                for name, buffer in list(module._buffers.items()):
+                    key = f"{module_name}.{name}" if module_name else name
+                    if buffer is None or key not in self._saved:
+                        continue
+                    saved = self._saved[key]
+                    if buffer.shape == saved.shape:
+                        buffer.copy_(saved)
+                    else:  # a buffer whose length follows its content (the memory's case names)
+                        module._buffers[name] = saved.to(buffer.device)
+                if isinstance(module, MemoryBank):
+                    module.sync_names()  # the Python-side names follow the restored buffer
         self._saved = None
 
 

@@ -49,6 +49,11 @@ class MemoryBank(nn.Module):
     State dicts without ``sources`` (the seed listing's, and this package's before it existed) load with unknown
     sources, strict loading included.
 
+    Names: ``source_names`` (a ``List[str]``) turns a source index into a case name (the refresh records the image
+    paths of the refresh set, relative to their common folder). It travels with the weights: in the state dict as
+    the module's extra state (``model.pt``), and as a typed attribute that ``torch.jit.script``/``save``/``load``
+    keep (TorchScript drops extra state). A names table that does not cover every recorded source is refused.
+
     Loading a state dict whose memory has another number of slots raises :class:`MemorySizeMismatchError`, unless
     ``on_size_mismatch`` says otherwise:
 
@@ -84,10 +89,43 @@ class MemoryBank(nn.Module):
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("rejected", torch.zeros((), dtype=torch.long))
         self.register_buffer("sources", torch.full((num_slots,), -1, dtype=torch.long))
+        # the names as UTF-8 bytes, one per line: a tensor like every other state-dict entry (code that averages or
+        # copies state dicts keeps working), persisted in model.pt and kept by TorchScript
+        self.register_buffer("source_names_utf8", torch.zeros(0, dtype=torch.uint8))
+        self.source_names: list[str] = []
         self._local_writes = False
 
     def extra_repr(self) -> str:
         return f"num_slots={self.num_slots}, num_classes={self.num_classes}, channels={self.channels}"
+
+    @torch.jit.unused
+    def set_source_names(self, names: list[str] | None) -> None:
+        """The case names that ``sources`` index (``None`` or ``[]``: none). Refused when a recorded source has no
+        name: the table would belong to another memory."""
+        names = [str(name) for name in (names or [])]
+        _check_names(self.sources, names, "MemoryBank.set_source_names")
+        self._store_names(names)
+
+    @torch.jit.unused
+    def _store_names(self, names: list[str]) -> None:
+        if any("\n" in name for name in names):
+            raise ValueError("MemoryBank: case names cannot contain a line break.")
+        encoded = "\n".join(names).encode("utf-8") if names else b""
+        self._buffers["source_names_utf8"] = torch.tensor(list(encoded), dtype=torch.uint8, device=self.memory.device)
+        self.source_names = names
+
+    @torch.jit.unused
+    def sync_names(self) -> None:
+        """Set ``source_names`` from the ``source_names_utf8`` buffer (after code that restores buffers directly)."""
+        text = bytes(self.source_names_utf8.tolist()).decode("utf-8")
+        self.source_names = text.split("\n") if text else []
+
+    @torch.jit.unused
+    def slot_names(self) -> list[str | None]:
+        """The case name of every slot in storage order (``None`` for an empty slot or an unknown source)."""
+        return [
+            self.source_names[index] if 0 <= index < len(self.source_names) else None for index in self.sources.tolist()
+        ]
 
     def is_empty(self) -> bool:
         """Whether no slot holds a prototype yet (a freshly built model, or right after :meth:`reset`)."""
@@ -112,6 +150,8 @@ class MemoryBank(nn.Module):
             self.pointer.zero_()
             self.filled.zero_()
             self.sources.fill_(-1)
+        if not torch.jit.is_scripting():
+            self._store_names([])
 
     @contextmanager
     def local_writes(self) -> Iterator[None]:
@@ -211,6 +251,12 @@ class MemoryBank(nn.Module):
                 self._load_other_size(state_dict, prefix, missing_keys, incoming)
                 return
         sources_missing = key in state_dict and prefix + "sources" not in state_dict
+        names_key = prefix + "source_names_utf8"
+        names_missing = names_key not in state_dict
+        if not names_missing:  # its length follows the names: take the incoming shape before the copy
+            self._buffers["source_names_utf8"] = torch.zeros_like(
+                torch.as_tensor(state_dict[names_key]), device=self.memory.device
+            )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -220,6 +266,13 @@ class MemoryBank(nn.Module):
                 missing_keys.remove(prefix + "sources")
             with torch.no_grad():
                 self.sources.fill_(-1)
+        if names_missing:  # saved before names were recorded: no names
+            if prefix + "source_names_utf8" in missing_keys:
+                missing_keys.remove(prefix + "source_names_utf8")
+            self._store_names([])
+        else:
+            self.sync_names()
+            _check_names(self.sources, self.source_names, f"loading the ECRM memory ({prefix}source_names_utf8)")
 
     def _load_other_size(
         self, state_dict: Mapping[str, Any], prefix: str, missing_keys: list[str], incoming: torch.Tensor
@@ -247,6 +300,11 @@ class MemoryBank(nn.Module):
         their_pointer = int(torch.as_tensor(state_dict.get(prefix + "pointer", 0)))
         ordered = _oldest_first(incoming, their_pointer, their_filled)
         kept = ordered[max(0, ordered.shape[0] - ours) :]
+        their_names = state_dict.get(prefix + "source_names_utf8")
+        decoded = bytes(torch.as_tensor(their_names).tolist()).decode("utf-8") if their_names is not None else ""
+        self._store_names(decoded.split("\n") if decoded else [])
+        if their_names is None:
+            missing_keys.append(prefix + "source_names_utf8")
         their_sources = state_dict.get(prefix + "sources")
         with torch.no_grad():
             if their_sources is not None:
@@ -261,6 +319,20 @@ class MemoryBank(nn.Module):
             f"(policy 'keep_newest': {kept.shape[0]} newest prototypes kept).",
             stacklevel=2,
         )
+
+
+def _check_names(sources: torch.Tensor, names: list[str], where: str) -> None:
+    known = sources[sources >= 0]
+    if names and known.numel() and int(known.max()) >= len(names):
+        raise ValueError(
+            f"{where}: the names table has {len(names)} names but the memory records source {int(known.max())}: "
+            "it belongs to another memory (refresh the memory, or load the names saved with these weights)."
+        )
+
+
+# a class-level annotation TorchScript can read (the module uses postponed annotations, which it cannot resolve):
+# the names survive torch.jit.script/save/load as a typed attribute
+MemoryBank.__annotations__["source_names"] = list[str]
 
 
 def _oldest_first(memory: torch.Tensor, pointer: int, filled: int) -> torch.Tensor:
