@@ -99,6 +99,9 @@ VAL = "val"
 VAL_SPLIT_SEED = 20240611  # the validation split is the same for every run and seed
 WEIGHT_DECAY = 0.01
 KEY_CHANNELS = 256
+#: version of the memory-use and BatchNorm diagnostics (2: the Dice of both sides computed from logits);
+#: --rediagnose recomputes runs with an older one
+DIAGNOSTICS_VERSION = 2
 #: ECRMUNet's variant options at their DCRNet values (not recorded in a run's configuration)
 DEFAULT_ECRM_OPTIONS = {
     "memory_stride": None,
@@ -682,6 +685,7 @@ def run_one(
         "memory_refreshed_images": refreshed,
         "bn_refreshed_images": bn_images,
         "bn_refresh_effect": bn_effect,
+        "diagnostics_version": DIAGNOSTICS_VERSION,
         "memory_use": usage,
         "final_loss_mean_last_10pct": float(np.mean(losses[-max(1, len(losses) // 10) :])),
         "val_loss": state["val_loss"],
@@ -1061,6 +1065,8 @@ def rediagnose(args: argparse.Namespace) -> None:
     datasets = {VAL: datalists["val"], **datalists["test"]} if datalists["val"] else dict(datalists["test"])
     for path in sorted(work_dir.glob("*/result.json")):
         result = json.loads(path.read_text())
+        if result.get("diagnostics_version") == DIAGNOSTICS_VERSION:
+            continue
         config = result["config"]
         run_args = argparse.Namespace(**vars(args))
         options = {**DEFAULT_ECRM_OPTIONS, **config.get("ecrm_options", {})}
@@ -1079,6 +1085,7 @@ def rediagnose(args: argparse.Namespace) -> None:
             trained.load_state_dict(checkpoint["model"])
             (before, after), _ = light_dice([trained, final], datasets, run_args)
             result["bn_refresh_effect"] = {"dice_before": before, "dice_after": after}
+        result["diagnostics_version"] = DIAGNOSTICS_VERSION
         _atomic_save(result, path)
         _log(path.parent, "diagnostics recomputed")
 
