@@ -21,10 +21,19 @@ Usage::
     python benchmarks/onnx_speed.py [--backbones resnet34,efficientnet-lite0] [--sizes 256,352]
         [--engines torch_fp32,torch_bf16,ort_fp32,ort_int8] [--threads 2] [--repeats 20] [--warmup 3]
         [--calibration 16] [--data ../shared/data/kvasir_seg] [--weights model.pt --network-kwargs '{...}']
-        [--quantize-attention] [--profile DIR] [--keep DIR]
+        [--quantize-attention] [--profile DIR] [--keep DIR] [--end-to-end N [--end-to-end-rounds 2]]
 
 ``--profile DIR`` writes ONNX Runtime's profiler traces (Chrome trace JSON) there and adds the share of time per
-operator type to the output. Prints one JSON object.
+operator type to the output.
+
+``--end-to-end N`` adds, per backbone and size, the frames/s of ``monai-ecrm-infer``'s job
+(:class:`~monai_ecrm.clinical.job.ClinicalInference`: JPEG decoding and preprocessing in the prefetch thread, the
+network, ``Invertd`` back to the frame's size, threshold, atomic PNG writing) on a folder of the first N Kvasir-SEG
+JPEG frames (synthetic 530x620 pictures without ``--data``), with each engine as the command runs it: the network
+(``torch_fp32``), ``TorchRunner(autocast="bf16")`` (``--bf16``), :class:`~monai_ecrm.clinical.onnx_runner.OnnxRunner`
+on the float32 and INT8 files (``--onnx``). Model loading is not timed. After a 2-frame warm-up job per engine, the
+engines each run the whole folder in turn, ``--end-to-end-rounds`` times (rotating the order); frames/s is N over the
+median job time. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ import monai_ecrm
 from monai_ecrm.networks.nets import ECRMUNet
 from monai_ecrm.onnx import export_network, load_onnx_session, make_record, quantize_int8
 from monai_ecrm.transforms import normalization_for_backbone
+
+E2E_PICTURE_SIZE = (530, 620)
 
 ENGINES = ("torch_fp32", "torch_bf16", "ort_fp32", "ort_int8")
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir_seg"
@@ -180,12 +191,78 @@ def measure(args: argparse.Namespace, backbone: str, size: int, scratch: Path) -
     }
     if backbone == "efficientnet-lite0" and size == 352 and "ort_int8" in fps:
         row["targets_met"]["lite0_int8_352_fps"] = fps["ort_int8"] >= LITE0_INT8_352_FPS
+    if args.end_to_end:
+        row["end_to_end"] = end_to_end(args, net, paths, size, normalization_for_backbone(backbone), scratch)
     if args.profile:
         row["profile"] = {}
         for engine, session in sessions.items():
             trace = session.end_profiling()
             row["profile"][engine] = {"trace": trace, "op_share": op_shares(trace)}
     return row
+
+
+def end_to_end_frames(args: argparse.Namespace, scratch: Path) -> tuple[list[Path], str]:
+    """The first ``--end-to-end`` Kvasir-SEG JPEGs, else as many synthetic pictures; and where they come from."""
+    frames = sorted((args.data / "images").glob("*.jpg"))[: args.end_to_end]
+    if len(frames) == args.end_to_end:
+        return frames, f"{args.data / 'images'} (first {len(frames)} JPEG frames)"
+    from PIL import Image
+
+    folder = scratch / "end_to_end_frames"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(1)
+    for index in range(args.end_to_end):
+        picture = rng.normal(0.45, 0.08, (*E2E_PICTURE_SIZE, 3)) * np.array([1.0, 0.55, 0.45])
+        Image.fromarray((picture.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{index:03d}.jpg", quality=90)
+    return sorted(folder.glob("*.jpg")), f"synthetic {E2E_PICTURE_SIZE[0]}x{E2E_PICTURE_SIZE[1]} JPEG pictures"
+
+
+def end_to_end(
+    args: argparse.Namespace, net: ECRMUNet, paths: dict[str, Path], size: int, normalization: str, scratch: Path
+) -> dict:
+    """Frames/s of the command's job on ``--end-to-end`` frames with each engine (see the module docstring)."""
+    from monai_ecrm.clinical import ClinicalInference, TorchRunner
+    from monai_ecrm.clinical.onnx_runner import OnnxRunner
+
+    frames, source = end_to_end_frames(args, scratch)
+    models = {
+        "torch_fp32": lambda: net,
+        "torch_bf16": lambda: TorchRunner(net, "cpu", autocast="bf16"),
+        "ort_fp32": lambda: OnnxRunner(paths["ort_fp32"], threads=args.threads),
+        "ort_int8": lambda: OnnxRunner(paths["ort_int8"], threads=args.threads),
+    }
+    runners = {engine: models[engine]() for engine in args.engines}
+
+    def job(engine: str, inputs: list[Path]) -> float:
+        output = scratch / f"end_to_end_{engine}"
+        inference = ClinicalInference(
+            runners[engine], output, spatial_size=size, normalization=normalization, overwrite=True, progress=False
+        )
+        start = time.perf_counter()
+        results = inference.run(inputs)
+        elapsed = time.perf_counter() - start
+        failed = [result for result in results if result.status != "written"]
+        if failed:
+            raise RuntimeError(f"end-to-end job with {engine}: {failed[0].input}: {failed[0].detail}")
+        return elapsed
+
+    for engine in runners:
+        job(engine, frames[:2])
+    times: dict[str, list[float]] = {engine: [] for engine in runners}
+    order = list(runners)
+    for repeat in range(args.end_to_end_rounds):
+        for engine in order[repeat % len(order) :] + order[: repeat % len(order)]:
+            times[engine].append(job(engine, frames))
+    fps = {engine: round(len(frames) / statistics.median(values), 2) for engine, values in times.items()}
+    return {
+        "frames": len(frames),
+        "source": source,
+        "rounds": args.end_to_end_rounds,
+        "fps": fps,
+        "vs_torch_fp32": {
+            engine: round(value / fps["torch_fp32"], 2) for engine, value in fps.items() if "torch_fp32" in fps
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize-attention", action="store_true", help="quantise the memory attention too")
     parser.add_argument("--profile", type=Path, help="folder for ONNX Runtime profiler traces")
     parser.add_argument("--keep", type=Path, help="keep the exported models in this folder")
+    parser.add_argument(
+        "--end-to-end", type=int, default=0, metavar="N", help="also time the command's job on N frames (0: no)"
+    )
+    parser.add_argument("--end-to-end-rounds", type=int, default=2, help="timed jobs per engine for --end-to-end (2)")
     args = parser.parse_args(argv)
     args.engines = [engine for engine in args.engines.split(",") if engine]
     unknown = set(args.engines) - set(ENGINES)
@@ -214,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()[0]  # other processes' load: the figures of a busy machine are not comparable
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -230,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": 1,
         "threads": args.threads,
         "repeats": args.repeats,
+        "load_average_1min": {"start": round(load_at_start, 2), "end": round(os.getloadavg()[0], 2)},
         "weights": args.weights or "random (memory filled with random prototypes)",
         "targets": {**TARGETS, "lite0_int8_352_fps": LITE0_INT8_352_FPS},
         "versions": {

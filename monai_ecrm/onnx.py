@@ -78,6 +78,8 @@ __all__ = [
     "calibration_items",
     "quantize_int8",
     "load_onnx_session",
+    "record_preprocessing",
+    "OnnxNetwork",
     "main",
 ]
 
@@ -165,7 +167,8 @@ def make_record(
     output's activation); ``preprocessing`` (``spatial_size`` ``[H, W]``, ``normalization`` name and its per-channel
     ``mean``/``std`` on [0, 1] intensities, as :func:`monai_ecrm.transforms.infer_transforms` applies them);
     ``threshold`` (on the sigmoid); ``memory`` (``slots``, ``filled``, optional ``sources``: the names of the cases
-    its slots were filled from, the key ``monai_ecrm.record`` uses too); ``source`` (checkpoint, its SHA-256, versions, opset); ``calibration`` (INT8 only).
+    its slots were filled from, the key ``monai_ecrm.record`` uses too); ``source`` (checkpoint, its SHA-256,
+    versions, opset); ``calibration`` (INT8 only).
 
     Args:
         network_kwargs: the network's construction arguments (the bundle's ``network_def`` without ``_target_``).
@@ -498,13 +501,39 @@ def calibration_items(
     return [items[int(index)] for index in chosen]
 
 
+def record_preprocessing(record: Mapping[str, Any], path: str | os.PathLike = "the model") -> tuple[list[int], str]:
+    """The network input size ``[H, W]`` and the normalisation name of a record's preprocessing, checked to be what
+    :func:`monai_ecrm.transforms.infer_transforms` applies with them (bilinear resize of [0, 1] intensities, then the
+    mean/std of that name in :data:`monai_ecrm.transforms.NORMALIZATIONS`).
+
+    Raises:
+        OnnxModelError: naming ``path``, when the record states no preprocessing or one these transforms do not apply.
+    """
+    prep = record.get("preprocessing") or {}
+    if not prep.get("spatial_size") or not prep.get("normalization"):
+        raise OnnxModelError(
+            f"{path}: the model record states no preprocessing (spatial_size, normalization); write it with "
+            "`python -m monai_ecrm.onnx record --model ...`."
+        )
+    mean, std = NORMALIZATIONS.get(prep["normalization"], (None, None))
+    same_statistics = (
+        mean is not None and np.allclose(mean, prep.get("mean", mean)) and np.allclose(std, prep.get("std", std))
+    )
+    if not same_statistics or prep.get("resize", "bilinear") != "bilinear":
+        raise OnnxModelError(
+            f"{path}: record preprocessing {prep} is not one of monai_ecrm.transforms.infer_transforms' (bilinear "
+            f"resize, a normalisation of {sorted(NORMALIZATIONS)} with its mean/std)."
+        )
+    size = prep["spatial_size"]
+    return ([int(size)] * 2 if isinstance(size, (int, np.integer)) else [int(side) for side in size]), prep[
+        "normalization"
+    ]
+
+
 def _preprocessing(record: Mapping[str, Any]) -> Any:
     """The record's preprocessing as the bundle's inference transform (refusing a normalisation it cannot name)."""
-    prep = record["preprocessing"]
-    mean, std = NORMALIZATIONS.get(prep["normalization"], (None, None))
-    if mean is None or not (np.allclose(mean, prep["mean"]) and np.allclose(std, prep["std"])):
-        raise ValueError(f"record preprocessing {prep} does not match monai_ecrm.transforms.NORMALIZATIONS.")
-    return infer_transforms(spatial_size=prep["spatial_size"], normalization=prep["normalization"])
+    spatial_size, normalization = record_preprocessing(record)
+    return infer_transforms(spatial_size=spatial_size, normalization=normalization)
 
 
 class _CalibrationReader:
@@ -638,6 +667,45 @@ def load_onnx_session(
         options.profile_file_prefix = str(profile_prefix)
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     return session, record
+
+
+class OnnxNetwork(nn.Module):
+    """An exported ECRM-UNet run by ONNX Runtime, called like the PyTorch network: images ``[B, 3, H, W]`` in, float32
+    logits ``[B, 1, H, W]`` out, on the images' device. A MONAI evaluator, an inferer or
+    :class:`~monai_ecrm.clinical.runner.TorchRunner` take it in place of the network (the bundle's ``inference.json``
+    with ``--onnx_path``).
+
+    The session runs on the CPU (:func:`load_onnx_session`); the model is frozen, so the module has no parameters and
+    ``train()``/``eval()`` change nothing. The images are passed as they are: the preprocessing must be the one the
+    record states (:func:`record_preprocessing`), as the bundle's check of its config against the record and
+    :class:`~monai_ecrm.clinical.onnx_runner.OnnxRunner` ensure.
+
+    Args:
+        path: the float32 or INT8 ONNX file (:func:`export_network`, ``python -m monai_ecrm.onnx export``/``quantize``).
+        threads: ONNX Runtime intra-op threads.
+        require_record: refuse a file without its model record.
+
+    Raises:
+        OnnxModelError: see :func:`load_onnx_session`.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int = 2, require_record: bool = True) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.session, self.record = load_onnx_session(path, threads=threads, require_record=require_record)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(torch.as_tensor(images).detach().to("cpu", torch.float32).numpy())
+        try:
+            (logits,) = self.session.run([self.output_name], {self.input_name: array})
+        except Exception as error:  # onnxruntime's own exception types (Fail, InvalidArgument, ...)
+            raise RuntimeError(f"{self.path}: ONNX Runtime failed on input {list(array.shape)}: {error}") from None
+        return torch.from_numpy(logits).to(images.device)
+
+    def extra_repr(self) -> str:
+        return f"path={str(self.path)!r}, precision={self.record.get('precision', 'unknown')!r}"
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI

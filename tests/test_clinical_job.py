@@ -111,3 +111,25 @@ def test_the_old_modules_keep_their_names(module, names):
     old = importlib.import_module(module)
     for name in names:
         assert getattr(old, name) is getattr(clinical, name), f"{module}.{name} is no longer monai_ecrm.clinical's"
+
+
+def test_an_input_whose_output_another_input_has_fails_without_writing(tmp_path):
+    """A frame of a multi-frame file is named ``<stem>_frame0001``: a file of that name would get its mask's name. The
+    second input claiming an output fails; the first one's outputs are its own, on every rerun."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    multiframe_dicom(folder / "c.dcm", video_frames(3, 24, 32))
+    write_png(folder / "c_frame0001.png", video_frames(5, 24, 32)[4])
+    inputs = clinical.find_inputs(folder)
+    alone = tmp_path / "alone"
+    ClinicalInference(OneConv().eval(), alone, spatial_size=32, progress=False, dicom_png=True).run(inputs[:1])
+    output = tmp_path / "out"
+    for status in ("written", "skipped-existing"):
+        job = ClinicalInference(OneConv().eval(), output, spatial_size=32, progress=False, dicom_png=True)
+        results = {Path(result.input).name: result for result in job.run(inputs)}
+        assert results["c.dcm"].status == status
+        assert results["c_frame0001.png"].status == "failed" and not results["c_frame0001.png"].outputs
+        assert "c_frame0001_seg.png is also the output of" in results["c_frame0001.png"].detail
+        assert str(folder / "c.dcm") in results["c_frame0001.png"].detail
+        mask = "c_frame0001_seg.png"
+        assert (output / mask).read_bytes() == (alone / mask).read_bytes(), "the frame's mask is not overwritten"

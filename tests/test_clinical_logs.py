@@ -55,18 +55,21 @@ def mixed_folder(tmp_path) -> Path:
     return folder
 
 
-def documented_lines(folder: Path, output: Path) -> list[str]:
-    """The lines :mod:`monai_ecrm.clinical.cli` documents for a run on :func:`mixed_folder`, in order."""
+def documented_lines(folder: Path, output: Path, model: Path) -> list[str]:
+    """The lines :mod:`monai_ecrm.clinical.cli` documents for a run on :func:`mixed_folder` with ``model`` (a
+    TorchScript file without a model record, run at 32 px), in order."""
     return [
+        f"monai-ecrm-infer: model: {model} (sha256 ",
+        "monai-ecrm-infer: model: assumed normalisation 'imagenet', threshold 0.5: the model does not state them",
         f"monai-ecrm-infer: failed: {folder / 'c.png'}: not a readable PNG file: Pillow cannot identify its contents",
         f"monai-ecrm-infer: skipped: {folder / 'notes.txt'}: unknown extension '.txt'; supported extensions: ",
         f"monai-ecrm-infer: 2 written, 0 already done, 1 skipped, 1 failed; report: {output / 'report.csv'}",
     ]
 
 
-def assert_documented(stderr: str, folder: Path, output: Path) -> None:
+def assert_documented(stderr: str, folder: Path, output: Path, model: Path) -> None:
     lines = stderr.splitlines()
-    expected = documented_lines(folder, output)
+    expected = documented_lines(folder, output, model)
     assert len(lines) == len(expected), "one line per event, nothing else:\n" + stderr
     for line, start in zip(lines, expected):
         assert line.startswith(start), f"expected a line starting {start!r}, got {line!r}"
@@ -83,7 +86,7 @@ def test_a_command_run_prints_the_documented_lines_once_and_no_library_noise(tmp
     assert run.stdout == "", "the command prints nothing on stdout"
     assert "highdicom" not in run.stderr, "highdicom's INFO lines are silenced within the command"
     assert "warn" not in run.stderr.lower(), "no Python warning reaches the user"
-    assert_documented(run.stderr, mixed_folder, output)
+    assert_documented(run.stderr, mixed_folder, output, torchscript_model)
     assert (output / "a_seg.png").is_file() and (output / "b_seg.dcm").is_file()
 
 
@@ -104,10 +107,11 @@ def test_event_levels_and_logging_restored_after_the_command(tmp_path, mixed_fol
     finally:
         cli.logger.removeHandler(recorder)
     assert rc == EXIT_FAILED
-    assert_documented(capsys.readouterr().err, mixed_folder, output)
+    assert_documented(capsys.readouterr().err, mixed_folder, output, torchscript_model)
     levels = [(record.levelno, record.getMessage().split(":")[0]) for record in records]
     summary = "2 written, 0 already done, 1 skipped, 1 failed; report"
-    assert levels == [(logging.ERROR, "failed"), (logging.INFO, "skipped"), (logging.INFO, summary)]
+    model = [(logging.INFO, "model"), (logging.WARNING, "model")]
+    assert levels == [*model, (logging.ERROR, "failed"), (logging.INFO, "skipped"), (logging.INFO, summary)]
     assert not [r for r in caplog.records if r.name.startswith(("highdicom", "monai_ecrm"))], (
         "neither highdicom's INFO lines nor the command's lines reach the host's root handlers"
     )

@@ -75,6 +75,8 @@ def test_help_explains_every_option(capsys):
                    "--no-progress", "report.csv", "exit status"]:  # fmt: skip
         assert option in text, f"--help does not mention {option}"
     assert "(x, y, 3)" in text and "RGB24" in text, "--help says which NIfTI layouts are pictures"
+    assert "a_png_seg.png, a_jpg_seg.png" in text, "--help gives the naming rule of inputs that share a stem"
+    assert "models/model.json" in text and "contradicts the model is an error" in text, "--help says what runs a model"
 
 
 def test_real_dicom_frame_seg_equals_the_bundle_png_mask(tmp_path, ecrm_checkpoint):
@@ -335,7 +337,7 @@ def test_interrupted_run_resumed_gives_the_same_outputs(tmp_path, torchscript_mo
             assert first.NumberOfFrames == second.NumberOfFrames
 
 
-def test_bundle_folder_and_a_checkpoint_that_does_not_fit(tmp_path, ecrm_checkpoint, capsys):
+def test_bundle_folder_and_a_checkpoint_option_that_contradicts_it(tmp_path, ecrm_checkpoint, capsys):
     from monai_ecrm.bundle import bundle_path
 
     bundle = tmp_path / "bundle"
@@ -353,7 +355,7 @@ def test_bundle_folder_and_a_checkpoint_that_does_not_fit(tmp_path, ecrm_checkpo
                "resnet10", "--bank-size", "3", "--no-progress"])  # fmt: skip
     assert rc == EXIT_USAGE
     error = capsys.readouterr().err
-    assert str(ecrm_checkpoint) in error and "does not fit" in error and "bank_size=3" in error
+    assert f"error: bank_size: 2 (the weights in {ecrm_checkpoint}) against 3 (the command line)" in error, error
     assert not (tmp_path / "bad").exists(), "nothing is written when the model cannot be loaded"
 
 
@@ -395,3 +397,58 @@ def test_pipelined_job_equals_the_sequential_job(tmp_path, torchscript_model):
             ]  # fmt: skip
             assert numbers[0] == numbers[1], name
     assert not (pipelined / PARTIAL_DIR).exists()
+
+
+def test_inputs_sharing_a_stem_keep_their_suffix_and_a_rerun_skips_them(tmp_path, torchscript_model):
+    """``a.png`` and ``a.jpg`` both became ``a_seg.png``: one mask lost, both reported written."""
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    frames = video_frames(5, 36, 48)
+    write_png(folder / "a.png", frames[0])
+    Image.fromarray(frames[1]).save(folder / "a.jpg")
+    Image.fromarray(frames[2]).save(folder / "A.bmp")  # one stem, ignoring case
+    write_png(folder / "b.png", frames[3])
+    write_png(folder / "sub" / "a.png", frames[4])  # another output folder: its own stem
+    args = ["--torchscript", str(torchscript_model), "--spatial-size", "32", "--no-progress"]
+    output = tmp_path / "out"
+    assert main([str(folder), "-o", str(output), *args]) == EXIT_OK
+    report = {str(Path(row["input"]).relative_to(folder)): row for row in _rows(output)}
+    outputs = {name: Path(row["outputs"]).relative_to(output).as_posix() for name, row in report.items()}
+    assert outputs == {
+        "A.bmp": "A_bmp_seg.png",
+        "a.jpg": "a_jpg_seg.png",
+        "a.png": "a_png_seg.png",
+        "b.png": "b_seg.png",
+        "sub/a.png": "sub/a_seg.png",
+    }
+    for name in ("a.png", "a.jpg", "A.bmp"):  # each output is its own input's mask
+        alone = tmp_path / f"alone_{name}"
+        assert main([str(folder / name), "-o", str(alone), *args]) == EXIT_OK
+        single = alone / f"{Path(name).stem}_seg.png"
+        assert (output / outputs[name]).read_bytes() == single.read_bytes(), name
+    assert len({(output / name).read_bytes() for name in outputs.values()}) == len(outputs)
+
+    assert main([str(folder), "-o", str(output), *args]) == EXIT_OK
+    assert {Path(row["input"]).name: row["status"] for row in _rows(output)} == dict.fromkeys(
+        ["A.bmp", "a.jpg", "a.png", "b.png"], "skipped-existing"
+    ), "a rerun finds the same names"
+
+
+def test_names_that_would_still_meet_stop_the_job_before_anything_is_written(tmp_path, torchscript_model, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "a_png.bmp", "a.jpg"):
+        Image.fromarray(video_frames(1, 24, 32)[0]).save(folder / name)
+    output = tmp_path / "out"
+    rc = main([str(folder), "-o", str(output), "--torchscript", str(torchscript_model), "--spatial-size", "32",
+               "--no-progress"])  # fmt: skip
+    assert rc == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert error.startswith("monai-ecrm-infer: error: ") and len(error.splitlines()) == 1, error
+    assert str(folder / "a.png") in error and str(folder / "a_png.bmp") in error and "a_png_seg" in error, error
+    assert not output.exists(), "nothing is written"
+
+
+def _rows(output: Path) -> list[dict[str, str]]:
+    with open(output / "report.csv", newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))

@@ -4,16 +4,23 @@ What a run prints on stderr, besides the progress bars (``--no-progress`` leaves
 each, after the job, every line starting with ``monai-ecrm-infer:`` (logger ``monai_ecrm.clinical.cli``, at the level
 given)::
 
+    monai-ecrm-infer: model: <file> (sha256 <12 hex>): trained on <data> at <H>x<W> px   INFO, the model used
+    monai-ecrm-infer: model: assumed <size, normalisation, threshold>: ...     WARNING, what the model does not state
     monai-ecrm-infer: skipped: <input>: <why it holds no image>               INFO, an input skipped as no image
     monai-ecrm-infer: partial: <input>: <n> of <m> frames segmented; <why>    WARNING, some frames not decoded
     monai-ecrm-infer: failed: <input>: <problem>                              ERROR, an input that failed
     monai-ecrm-infer: <w> written, <d> already done, <s> skipped, <f> failed; report: <output>/report.csv   INFO
 
-The inputs written or already done have no line of their own: they are counted in the last line and listed in
+The model line names the model file used, a short SHA-256 of it, and what its record (:mod:`monai_ecrm.record`) says it
+was trained on and at which input size (``no model record: ...`` for a file without one; ``(the installed bundle's: no
+model option given)`` after the hash when no model option was given); the same file and hash are the ``model`` and
+``model_sha256`` columns of ``report.csv`` and parameters of each SEG's algorithm identification. The ``assumed`` line
+lists the package defaults used for what neither the model nor the command line states. The inputs written or
+already done have no line of their own: they are counted in the last line and listed in
 ``report.csv`` with every other input. An interrupted job prints, instead of those lines,
 ``monai-ecrm-infer: interrupted after <n> of <m> inputs`` (WARNING, exit status 130); a run that cannot start
-``monai-ecrm-infer: error: <problem>`` (ERROR, exit status 2: no usable model, no input found; a bad command line gets
-argparse's usage and error lines).
+``monai-ecrm-infer: error: <problem>`` (ERROR, exit status 2: no usable model, an option that contradicts the model, no
+input found, two inputs that would share an output; a bad command line gets argparse's usage and error lines).
 
 Nothing else is printed, whatever logging the calling program has set up: the command's lines go to its own stderr
 handler and no further (so a root handler does not print them twice), and highdicom's INFO lines (nine per SEG it
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -39,8 +47,17 @@ import torch
 
 from monai_ecrm.clinical.job import ClinicalInference
 from monai_ecrm.clinical.report import REPORT_NAME, InputResult, write_report
-from monai_ecrm.clinical.runner import bundle_settings, load_model
+from monai_ecrm.clinical.runner import (
+    ModelRunner,
+    TorchRunner,
+    bundle_settings,
+    load_model_and_record,
+    model_sha256,
+    trained_on,
+)
 from monai_ecrm.clinical.sources import find_inputs
+from monai_ecrm.clinical.writing import output_stems
+from monai_ecrm.record import read_record
 from monai_ecrm.transforms import normalization_for_backbone
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -71,6 +88,11 @@ at a time). PNG, JPEG, BMP and TIFF pictures give <stem>_seg.png masks (0/255), 
 masks (uint8, 0/255) with the source's affine and its shape without the colour axis ((549, 530) or (549, 530, 3) in:
 (549, 530) out): the bundle's outputs. Sub-folders of a folder INPUT are kept in OUTPUT.
 
+Output names: where several inputs of one folder share a stem (a.png and a.jpg, ignoring case), each keeps its suffix
+in the output's name (a_png_seg.png, a_jpg_seg.png; a.nii.gz: a_nii_gz_seg.nii.gz), so two inputs never share an
+output; the names depend only on the input names, so a rerun finds them. Names that would still meet (a_png.bmp
+beside a.png and a.jpg) stop the job before anything is written (exit status 2).
+
 NIfTI pictures, voxel axis x along the columns: grey (x, y), (x, y, 1) or (x, y, 1, 1); colour as uint8 data
 (x, y, 3) (an RGB picture array saved as it is), RGB24 voxels or a vector (x, y, 1, 1, 3). (x, y, 3) data of any
 other type (float, int16) is a volume of 3 slices, not a picture, and is reported as such.
@@ -80,18 +102,27 @@ are skipped; an unreadable file or frame is reported and the job goes on. Every 
 OUTPUT/report.csv. Files are written under a temporary name and renamed when complete; a rerun skips the inputs
 whose outputs exist, so an interrupted job is resumed by running it again.
 
-The model: --checkpoint (a bundle's models/model.pt state dict, with --backbone/--bank-size/--use-icrm as trained),
---torchscript (a bundle's models/model.ts), or --bundle (DIR/models/model.ts, else DIR/models/model.pt with the
-architecture of DIR/configs/inference.json); the installed bundle when none is given.
+The model: --checkpoint (a bundle's models/model.pt), --torchscript (a bundle's models/model.ts), or --bundle
+(DIR/models/model.ts, else DIR/models/model.pt); the installed bundle's when none is given. The model runs as it was
+trained: the network from its weights, the input size, normalisation and threshold from its record (the
+models/model.json the bundle writes beside model.pt, or the record embedded in a TorchScript file). An option that
+contradicts the model is an error naming both values; options only state what the model does not (--threshold may
+differ: it is an operating point). A bundle trained before records gives its configs/inference.json's spatial_size
+and threshold. The model used is named in the log, in report.csv and in each SEG. --onnx runs an ONNX export
+(float32, or INT8 from `python -m monai_ecrm.onnx quantize`) with ONNX Runtime on the CPU, its input size,
+normalisation and threshold read from the file's model record; --bf16 runs a PyTorch model under bfloat16 autocast.
 
 Research use only: not a medical device, not for diagnosis."""
 
 _EPILOG = """\
-output on stderr: progress bars, then a line per input skipped, partly segmented or failed, and a summary line.
+output on stderr: the model line (file, SHA-256, what it was trained on and at which size), a line of what was
+assumed where the model does not say, progress bars, then a line per input skipped, partly segmented or failed, and a
+summary line.
 
 exit status: 0 every input written, already done, or skipped as no image; 1 some inputs failed or were only partly
-segmented (all others were processed; see report.csv); 2 bad command line, no usable model or no input found;
-130 interrupted (rerun to resume)."""
+segmented (all others were processed; see report.csv); 2 bad command line, no usable model, an option that
+contradicts the model, no input found, or inputs that would share an output (nothing written); 130 interrupted (rerun
+to resume)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,28 +135,51 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("input", help="a picture file, a folder of pictures, or a DICOM study folder")
     parser.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
     model = parser.add_argument_group("model (one of)")
-    model.add_argument("--checkpoint", metavar="MODEL_PT", help="flat network state dict (a bundle's models/model.pt)")
-    model.add_argument("--torchscript", metavar="MODEL_TS", help="TorchScript export (a bundle's models/model.ts)")
+    model.add_argument(
+        "--checkpoint",
+        metavar="MODEL_PT",
+        help="network weights (a bundle's models/model.pt, or a training checkpoint), with the model.json beside it",
+    )
+    model.add_argument(
+        "--torchscript", metavar="MODEL_TS", help="TorchScript export (a bundle's models/model.ts), its record embedded"
+    )
     model.add_argument(
         "--bundle",
         metavar="DIR",
-        help="bundle folder: DIR/models/model.ts if present, else DIR/models/model.pt; architecture, input size and "
-        "threshold from DIR/configs/inference.json (default: the installed polyp_ecrm bundle)",
+        help="bundle folder: DIR/models/model.ts if present, else DIR/models/model.pt, with DIR/models/model.json "
+        "(default: the installed polyp_ecrm bundle)",
     )
-    arch = parser.add_argument_group("architecture of --checkpoint (default: the bundle's, else as shown)")
+    model.add_argument(
+        "--onnx",
+        metavar="MODEL_ONNX",
+        help="ONNX export with its model record (models/model.onnx, or an INT8 models/model.int8.onnx), run by ONNX "
+        "Runtime on the CPU; input size, normalisation and threshold from the record",
+    )
+    model.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads of --onnx (default 2)")
+    arch = parser.add_argument_group(
+        "architecture (the model's weights show it: these only check it, or name the encoder of a TorchScript model "
+        "that is no ECRM-UNet)"
+    )
     arch.add_argument(
         "--backbone",
-        help="encoder name, e.g. resnet34 (default) or efficientnet-lite0; also selects the input normalisation "
-        "(EfficientNet-Lite: (x-127)/128, others: ImageNet mean/std)",
+        help="encoder name, e.g. resnet34 or efficientnet-lite0; for a model without a record it also selects the "
+        "input normalisation (EfficientNet-Lite: (x-127)/128, others: ImageNet mean/std)",
     )
-    arch.add_argument("--bank-size", type=int, help="ECRM memory slots (default 20)")
+    arch.add_argument("--bank-size", type=int, help="ECRM memory slots")
     arch.add_argument(
         "--use-icrm", action=argparse.BooleanOptionalAction, default=None, help="network with the ICRM branch"
     )
     options = parser.add_argument_group("inference")
-    options.add_argument("--spatial-size", type=int, help="network input size in pixels (default 352 or the bundle's)")
     options.add_argument(
-        "--threshold", type=float, help="foreground probability threshold of the masks (default 0.5 or the bundle's)"
+        "--spatial-size",
+        type=int,
+        help="network input size in pixels, for a model whose record does not state it (default 352, or a bundle's "
+        "configs/inference.json for a bundle trained before records)",
+    )
+    options.add_argument(
+        "--threshold",
+        type=float,
+        help="foreground probability threshold of the masks (default: the model record's, else the bundle's or 0.5)",
     )
     options.add_argument(
         "--probabilities",
@@ -135,6 +189,12 @@ def _parser() -> argparse.ArgumentParser:
     options.add_argument("--dicom-png", action="store_true", help="also write PNG masks for DICOM inputs")
     options.add_argument("--overwrite", action="store_true", help="process inputs whose outputs exist again")
     options.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    options.add_argument(
+        "--bf16",
+        action="store_true",
+        help="run the PyTorch model under bfloat16 autocast (CPUs with AVX-512 BF16 or AMX, recent GPUs); logits "
+        "back to float32 before the threshold",
+    )
     options.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -161,47 +221,124 @@ def _command_logging() -> Iterator[None]:
 
 @dataclass
 class _Model:
-    """The model a command line names, and where its settings come from."""
+    """The model a command line names, the settings it runs with (``spatial_size``, ``normalization``,
+    ``threshold``), its record (``recorded``: the file has one) and what identifies it in the outputs."""
 
-    network: torch.nn.Module
+    network: torch.nn.Module | ModelRunner
     file: Path
     backbone: str
     bundle_root: Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+    recorded: bool = False
+    installed: bool = False
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The model file's SHA-256, first 12 hex digits."""
+        return model_sha256(self.file)[:12]
+
+    def columns(self) -> dict[str, str]:
+        """The report's model columns."""
+        return {"model": str(self.file), "model_sha256": self.sha256}
+
+    def algorithm_parameters(self) -> dict[str, Any]:
+        """The model's parameters in the SEGs' algorithm identification."""
+        trained = trained_on(self.record) if self.recorded else "unknown (no model record)"
+        return {"model": self.file.name, "model_sha256": self.sha256, "backbone": self.backbone, "trained_on": trained}
+
+
+def _no_model(bundle_root: Path) -> str:
+    return (
+        f"no trained model: {bundle_root / 'models'} holds neither model.ts nor model.pt; train one (python -m "
+        f"monai.bundle run --config_file {bundle_root / 'configs' / 'train.json'} --bundle_root {bundle_root} "
+        "--dataset_dir DATA) or give --checkpoint, --torchscript or --bundle"
+    )
 
 
 def _load(args: argparse.Namespace, device: str) -> _Model:
-    """The model of ``--checkpoint``, ``--torchscript`` or ``--bundle`` (the installed bundle when none is given),
-    with the bundle's settings.
+    """The model of the command line (the installed bundle's when none is given), run as its record says.
 
     Raises:
-        ValueError: no usable model.
+        ValueError: no usable model, or an option that contradicts it (:class:`~monai_ecrm.record.RecordConflictError`).
     """
+    if args.onnx:
+        from monai_ecrm.clinical.onnx_runner import OnnxRunner
+
+        names = ("backbone", "bank_size", "use_icrm", "spatial_size", "threshold")
+        stated = {name: getattr(args, name) for name in names}
+        runner = OnnxRunner(args.onnx, threads=args.threads, flags=stated, labels={"flags": "the command line"})
+        return _Model(
+            runner, Path(args.onnx), runner.backbone, settings=runner.settings, record=runner.record, recorded=True
+        )
     bundle_root = None
-    settings: dict[str, Any] = {}
     checkpoint, torchscript = args.checkpoint, args.torchscript
     if not (checkpoint or torchscript):
         from monai_ecrm.bundle import bundle_path
 
         bundle_root = Path(args.bundle) if args.bundle else bundle_path()
-        settings = bundle_settings(bundle_root)
         models = bundle_root / "models"
         if (models / "model.ts").is_file():
             torchscript = models / "model.ts"
         elif (models / "model.pt").is_file():
             checkpoint = models / "model.pt"
         else:
-            raise ValueError(f"{models}: neither model.ts nor model.pt (train or export the bundle first)")
-    backbone = args.backbone or settings.get("backbone", "resnet34")
-    network = load_model(
-        checkpoint=checkpoint,
-        torchscript=torchscript,
-        backbone=backbone,
-        bank_size=args.bank_size if args.bank_size is not None else settings.get("bank_size", 20),
-        use_icrm=args.use_icrm if args.use_icrm is not None else settings.get("use_icrm", False),
-        device=device,
-    )
-    return _Model(network, Path(checkpoint or torchscript), backbone, bundle_root, settings)
+            raise ValueError(_no_model(bundle_root))
+    file = Path(checkpoint or torchscript)
+    recorded = read_record(file) is not None
+    flags: dict[str, Any] = {}
+    if bundle_root is not None and not recorded:  # a bundle trained before records: its config's values, below ours
+        settings = bundle_settings(bundle_root)
+        flags = {key: settings[key] for key in ("spatial_size", "threshold") if key in settings}
+    given = {
+        "backbone": args.backbone,
+        "bank_size": args.bank_size,
+        "use_icrm": args.use_icrm,
+        "spatial_size": args.spatial_size,
+        "threshold": args.threshold,
+    }
+    flags.update((key, value) for key, value in given.items() if value is not None)
+    labels = {"flags": "the command line"}
+    network, record = load_model_and_record(checkpoint, torchscript, flags, device, labels)
+    settings = {key: record["preprocessing"][key] for key in ("spatial_size", "normalization")}
+    settings["threshold"] = record["threshold"]
+    backbone = record["network"]["kwargs"]["backbone"]
+    installed = not (args.checkpoint or args.torchscript or args.bundle)
+    return _Model(network, file, backbone, bundle_root, settings, record, recorded, installed)
+
+
+def _log_model(model: _Model) -> None:
+    """The model line, and the line of what was assumed for it."""
+    spatial_size = model.settings["spatial_size"]
+    sizes = spatial_size if isinstance(spatial_size, (list, tuple)) else [spatial_size] * 2
+    size = "x".join(map(str, sizes))
+    if model.recorded:
+        about = f"trained on {trained_on(model.record)} at {size} px"
+    else:
+        about = "no model record: what it was trained on, and at which input size, is unknown"
+    installed = " (the installed bundle's: no model option given)" if model.installed else ""
+    logger.info("model: %s (sha256 %s)%s: %s", model.file, model.sha256, installed, about)
+    assumed = {
+        "preprocessing.spatial_size": f"input size {size} px",
+        "preprocessing.normalization": f"normalisation {model.settings['normalization']!r}",
+        "threshold": f"threshold {model.settings['threshold']:g}",
+    }
+    defaulted = [text for name, text in assumed.items() if name in model.record.get("assumed", ())]
+    if defaulted:
+        logger.warning(
+            "model: assumed %s: the model does not state them (a model record does; --spatial-size, --backbone and "
+            "--threshold state them here)",
+            ", ".join(defaulted),
+        )
+
+
+def _onnx_conflict(args: argparse.Namespace) -> str | None:
+    """What an ``--onnx`` command line also asks for that an ONNX model cannot do, if anything."""
+    if args.bf16:
+        return "--bf16 is for a PyTorch model: an ONNX model runs in its file's precision (float32 or INT8)"
+    if args.device and args.device.split(":")[0] != "cpu":
+        return f"--device {args.device}: an ONNX model runs on the CPU (ONNX Runtime's CPU provider)"
+    return None
 
 
 def _summary(results: Sequence[InputResult], report: Path) -> int:
@@ -231,40 +368,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
-    given = [name for name in ("checkpoint", "torchscript", "bundle") if getattr(args, name)]
+    given = [name for name in ("checkpoint", "torchscript", "bundle", "onnx") if getattr(args, name)]
     if len(given) > 1:
         parser.error(f"give one model: --{' and --'.join(given)} given")
+    conflict = _onnx_conflict(args) if args.onnx else None
+    if conflict:
+        parser.error(conflict)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     output_dir = Path(args.output)
+    data_root_dir = args.input if Path(args.input).is_dir() else ""
     with _command_logging():
         try:
             model = _load(args, device)
             inputs = find_inputs(args.input, exclude=[output_dir])
             if not inputs:
                 raise ValueError(f"{args.input}: no file found")
-        except (ValueError, FileNotFoundError) as error:
+            output_stems(inputs, output_dir, data_root_dir)  # two inputs sharing an output: before anything is written
+        except (ValueError, FileNotFoundError, ImportError) as error:  # ImportError: --onnx without onnxruntime
             logger.error("error: %s", error)
             return EXIT_USAGE
+        _log_model(model)
         job = ClinicalInference(
-            model.network,
+            TorchRunner(model.network, device, autocast="bf16") if args.bf16 else model.network,
             output_dir,
             spatial_size=args.spatial_size or model.settings.get("spatial_size", 352),
-            normalization=normalization_for_backbone(model.backbone),
+            normalization=model.settings.get("normalization") or normalization_for_backbone(model.backbone),
             threshold=args.threshold if args.threshold is not None else model.settings.get("threshold", 0.5),
             probabilities=args.probabilities,
             dicom_png=args.dicom_png,
             overwrite=args.overwrite,
-            data_root_dir=args.input if Path(args.input).is_dir() else "",
+            data_root_dir=data_root_dir,
             device=device,
             progress=not args.no_progress,
             bundle_root=model.bundle_root,
-            algorithm_parameters={"model": model.file.name, "backbone": model.backbone},
+            algorithm_parameters=model.algorithm_parameters(),
         )
         results: list[InputResult] = []
         try:
             job.run(inputs, results)
         except KeyboardInterrupt:
-            write_report(results, output_dir / REPORT_NAME)
+            write_report(results, output_dir / REPORT_NAME, model.columns())
             logger.warning("interrupted after %d of %d inputs", len(results), len(inputs))
             return EXIT_INTERRUPTED
-        return _summary(results, write_report(results, output_dir / REPORT_NAME))
+        return _summary(results, write_report(results, output_dir / REPORT_NAME, model.columns()))

@@ -3,7 +3,10 @@
 A job goes through every input and reports each one (:class:`~monai_ecrm.clinical.report.InputResult`: written,
 skipped because its outputs exist, skipped because it is no image, failed, or partial when some frames could not be
 decoded), so a bad file never stops the rest. Outputs appear under their final names only when complete, and a rerun
-skips the inputs whose outputs exist: an interrupted job is resumed by running it again.
+skips the inputs whose outputs exist: an interrupted job is resumed by running it again. Two inputs never share an
+output: :meth:`ClinicalInference.run` names the outputs of all its inputs before it writes anything
+(:func:`~monai_ecrm.clinical.writing.output_stems`), and an input whose outputs another input of the job already has
+(a frame of a multi-frame file, ``a_frame0001_seg.png``, and a file ``a_frame0001.png``) fails without writing.
 
 Each input's header is read once (:class:`~monai_ecrm.clinical.sources.InputFile`); for DICOM it serves the decoding
 of the frames and the SEG. While the network runs on a frame, a background thread reads, decodes and pre-processes
@@ -31,7 +34,7 @@ from monai_ecrm.clinical.report import InputResult, describe_problem
 from monai_ecrm.clinical.runner import ModelRunner, TorchRunner
 from monai_ecrm.clinical.save import SaveDicomSegd
 from monai_ecrm.clinical.sources import DicomSource, InputFile, NotAnImageError
-from monai_ecrm.clinical.writing import expected_outputs
+from monai_ecrm.clinical.writing import expected_outputs, output_stems, source_key
 from monai_ecrm.data.errors import DataError
 from monai_ecrm.data.image_io import picture_format
 
@@ -132,6 +135,7 @@ class ClinicalInference:
             algorithm_parameters=parameters,
         )
         self.writer: SaveDicomSegd = self.postprocessing.transforms[-1]
+        self._owners: dict[str, Path] = {}
 
     def process(self, path: str | os.PathLike) -> InputResult:
         """Segment one input file and say what happened (errors are reported, not raised).
@@ -151,8 +155,13 @@ class ClinicalInference:
         Args:
             inputs: input files (see :func:`~monai_ecrm.clinical.sources.find_inputs`).
             results: list to append the results to as they come (what is done when the job is interrupted).
+
+        Raises:
+            OutputCollisionError: two inputs would share an output (nothing is written; see
+                :func:`~monai_ecrm.clinical.writing.output_stems`).
         """
         results = [] if results is None else results
+        self.writer.output_stems = output_stems(inputs, self.output_dir, self.data_root_dir)
         try:
             with prefetched(self._events(inputs), self.prefetch) as events:
                 for result in _progress(self._results(events), len(inputs), self.progress, "inputs", unit="file"):
@@ -163,7 +172,18 @@ class ClinicalInference:
 
     # ------------------------------------------------------------------------------- prefetch thread: reading
     def _outputs(self, path: Path, fmt: str, num_frames: int | None) -> list[Path]:
-        return expected_outputs(path, fmt, num_frames, self.output_dir, self.data_root_dir, self.dicom_png)
+        stem = self.writer.output_stems.get(source_key(path))
+        return expected_outputs(path, fmt, num_frames, self.output_dir, self.data_root_dir, self.dicom_png, stem)
+
+    def _taken(self, path: Path, outputs: list[Path]) -> InputResult | None:
+        """Claim ``outputs`` for ``path``; the failed result of ``path`` when another input of the job has one."""
+        for output in outputs:
+            owner = self._owners.get(str(output).casefold(), path)
+            if owner != path:
+                detail = f"its output {output} is also the output of {owner}; rename one of them"
+                return InputResult(str(path), "failed", detail=detail)
+        self._owners.update((str(output).casefold(), path) for output in outputs)
+        return None
 
     def _done(self, outputs: list[Path]) -> bool:
         return bool(outputs) and not self.overwrite and all(output.is_file() for output in outputs)
@@ -187,6 +207,10 @@ class ClinicalInference:
             named_without_header = fmt == "dicom" and not self.dicom_png  # a SEG's name needs no header
             if named_without_header:
                 expected = self._outputs(path, fmt, None)
+                taken = self._taken(path, expected)
+                if taken is not None:
+                    yield taken
+                    continue
                 if self._done(expected):
                     yield InputResult(str(path), "skipped-existing", [str(output) for output in expected])
                     continue
@@ -197,6 +221,10 @@ class ClinicalInference:
                 continue
             if not named_without_header:
                 expected = self._outputs(path, fmt, source.num_frames)
+                taken = self._taken(path, expected)
+                if taken is not None:
+                    yield taken
+                    continue
                 if self._done(expected):
                     yield InputResult(str(path), "skipped-existing", [str(output) for output in expected])
                     continue

@@ -8,16 +8,29 @@ job's report (one column each). :class:`TorchRunner` runs a PyTorch module (a ne
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-__all__ = ["BUNDLE_SETTINGS", "FrameOutput", "ModelRunner", "TorchRunner", "bundle_settings", "load_model"]
+from monai_ecrm.inferers import AutocastInferer
+
+__all__ = [
+    "BUNDLE_SETTINGS",
+    "FrameOutput",
+    "ModelRunner",
+    "TorchRunner",
+    "bundle_settings",
+    "load_model",
+    "load_model_and_record",
+    "model_sha256",
+    "trained_on",
+]
 
 BUNDLE_SETTINGS = {"backbone": str, "bank_size": int, "use_icrm": bool, "spatial_size": int, "threshold": float}
 """The plain top-level values of a bundle's ``configs/inference.json`` that :func:`bundle_settings` reads, and their
@@ -52,15 +65,21 @@ class TorchRunner:
     Args:
         model: the network or a TorchScript module (see :func:`load_model`).
         device: where it runs; frames are moved there.
+        autocast: run the model under ``torch.autocast`` on ``device`` with this dtype (``"bf16"``, ``"fp16"`` or a
+            ``torch.dtype``; see :class:`~monai_ecrm.inferers.AutocastInferer`), its logits returned as float32 for the
+            post-processing; ``None``: float32 throughout.
     """
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, model: torch.nn.Module, device: str | torch.device = "cpu", autocast: str | torch.dtype | None = None
+    ) -> None:
         self.model = model
         self.device = torch.device(device)
+        self.inferer = AutocastInferer(autocast, enabled=autocast is not None)
 
     def __call__(self, image: torch.Tensor) -> FrameOutput:
         with torch.no_grad():
-            logits = self.model(image.unsqueeze(0).to(self.device))
+            logits = self.inferer(image.unsqueeze(0).to(self.device), self.model)
         if logits.ndim != 4 or logits.shape[1] != 1:
             raise ValueError(
                 f"the model gives logits of shape {tuple(logits.shape)}; one channel [B, 1, H, W] expected"
@@ -94,58 +113,88 @@ def bundle_settings(bundle_dir: str | os.PathLike) -> dict[str, Any]:
 def load_model(
     checkpoint: str | os.PathLike | None = None,
     torchscript: str | os.PathLike | None = None,
-    backbone: str = "resnet34",
-    bank_size: int = 20,
-    use_icrm: bool = False,
+    backbone: str | None = None,
+    bank_size: int | None = None,
+    use_icrm: bool | None = None,
     device: str | torch.device = "cpu",
+    ecrm_channels: int | None = None,
 ) -> torch.nn.Module:
-    """The network in eval mode, from a flat state dict (a bundle's ``models/model.pt``) or a TorchScript export.
+    """The network in eval mode, from a checkpoint (a bundle's ``models/model.pt``) or a TorchScript export, built as
+    its weights and record say (:func:`load_model_and_record`, which also gives the record).
 
     Args:
-        checkpoint: a state dict of ``ECRMUNet(backbone=backbone, bank_size=bank_size, use_icrm=use_icrm)``, memory
-            bank included, loaded with ``torch.load(weights_only=True)``.
+        checkpoint: a network state dict (``models/model.pt``, memory bank included) or a training checkpoint.
         torchscript: a TorchScript file (``models/model.ts`` of ``python -m monai.bundle ckpt_export``).
-        backbone: encoder of the checkpoint's network.
-        bank_size: ECRM memory slots of the checkpoint's network.
-        use_icrm: whether the checkpoint's network has the ICRM branch.
+        backbone: encoder of the network, for a file that does not show it (``None``: as the model says).
+        bank_size: ECRM memory slots (``None``: as the model says).
+        use_icrm: whether the network has the ICRM branch (``None``: as the model says).
         device: where to run it.
+        ecrm_channels: channels of the ECRM features (``None``: as the model says).
 
     Raises:
-        ValueError: naming the file, when it cannot be read or does not fit the network.
+        RecordConflictError: a given value contradicts the model's weights or record, naming both values.
+        ValueError: naming the file, when it cannot be read or is no model of this package.
     """
+    flags = {"backbone": backbone, "bank_size": bank_size, "use_icrm": use_icrm, "ecrm_channels": ecrm_channels}
+    return load_model_and_record(checkpoint, torchscript, flags, device)[0]
+
+
+def load_model_and_record(
+    checkpoint: str | os.PathLike | None = None,
+    torchscript: str | os.PathLike | None = None,
+    flags: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    labels: Mapping[str, str] | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model in eval mode and its merged record (:func:`monai_ecrm.record.merge_record`: architecture,
+    ``preprocessing`` with ``spatial_size`` and ``normalization``, ``threshold``, ``training``, and under
+    ``"assumed"`` what nobody stated and the package defaults filled in).
+
+    A checkpoint's network is built from what its weights determine and its record (``model.json`` beside it) says
+    (:func:`monai_ecrm.record.load_network`); a TorchScript file comes with its embedded record or the JSON beside it
+    (:func:`monai_ecrm.record.load_torchscript`).
+
+    Args:
+        checkpoint: a network state dict (``models/model.pt``, ``final_model.pt``) or a training checkpoint (its
+            ``network`` entry).
+        torchscript: a TorchScript file (``models/model.ts``).
+        flags: what the user states (``ECRMUNet`` arguments, ``spatial_size``, ``normalization``, ``threshold``;
+            ``None`` values are not given): each fills only what the model does not say; the threshold may differ
+            from the record's (an operating point).
+        device: where to run it.
+        labels: how errors name the sources (see :func:`~monai_ecrm.record.merge_record`), e.g. ``{"flags": "the
+            command line"}``.
+
+    Raises:
+        RecordConflictError: a flag contradicts the model's weights or record, naming both values.
+        ValueError: naming the file, when it cannot be read or is no model of this package.
+    """
+    from monai_ecrm.record import load_network, load_torchscript
+
     if (checkpoint is None) == (torchscript is None):
         raise ValueError("give exactly one of checkpoint (a model.pt state dict) and torchscript (a model.ts file)")
     if torchscript is not None:
-        try:
-            with warnings.catch_warnings():  # torch 2.13 deprecates it, but it is how ckpt_export's files load
-                warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated", category=DeprecationWarning)
-                model = torch.jit.load(str(torchscript), map_location=device)
-        except Exception as error:  # RuntimeError, ValueError, OSError from the TorchScript loader
-            raise ValueError(f"{torchscript}: not a loadable TorchScript model: {error}") from None
-        return model.eval()
-    from monai_ecrm.networks.nets import ECRMUNet
+        return load_torchscript(torchscript, flags=flags, device=device, labels=labels)
+    return load_network(checkpoint, flags=flags, device=device, labels=labels)
 
-    architecture = f"ECRMUNet(backbone={backbone!r}, bank_size={bank_size}, use_icrm={use_icrm})"
-    try:
-        state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-    except Exception as error:  # OSError, UnpicklingError, RuntimeError
-        raise ValueError(f"{checkpoint}: not a loadable state dict: {error}") from None
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        keys = ", ".join(list(state)[:5]) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(
-            f"{checkpoint}: not a flat network state dict (found {keys}); give the bundle's models/model.pt, "
-            "not a training checkpoint"
-        )
-    network = ECRMUNet(
-        spatial_dims=2, in_channels=3, out_channels=1, backbone=backbone, bank_size=bank_size, use_icrm=use_icrm
-    )
-    try:
-        network.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as error:
-        lines = str(error).strip().splitlines()
-        summary = " ".join(line.strip() for line in lines[:4])[:600]
-        raise ValueError(
-            f"{checkpoint}: does not fit {architecture} (give --backbone, --bank-size, --use-icrm as trained): "
-            f"{summary}"
-        ) from None
-    return network.to(device).eval()
+
+def model_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a model file (hex), which tells two models apart whatever their file names."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def trained_on(record: Mapping[str, Any] | None) -> str:
+    """What a model record says its model was trained on: the training description (else the dataset folder, else the
+    protocol), the number of training images, and whether training was cut short; ``"unknown data"`` when it does not
+    say."""
+    training = (record or {}).get("training") or {}
+    what = str(training.get("description") or training.get("dataset_dir") or training.get("protocol") or "unknown data")
+    if training.get("train_images"):
+        what += f" ({training['train_images']} training images)"
+    if training.get("completed") is False:
+        what += ", training not completed"
+    return what

@@ -21,7 +21,7 @@ from monai.transforms import MapTransform
 
 from monai_ecrm.clinical.seg import SEG_SERIES_NUMBER, build_dicom_seg, bundle_version, derive_seg, encode_frame
 from monai_ecrm.clinical.sources import DicomSource
-from monai_ecrm.clinical.writing import PartialFolder, prediction_path
+from monai_ecrm.clinical.writing import PartialFolder, prediction_path, source_key
 from monai_ecrm.transforms.io import SavePredictiond
 
 __all__ = ["SaveDicomSegd"]
@@ -48,7 +48,9 @@ class SaveDicomSegd(MapTransform):
     decoded). Every file is written in a private folder inside ``output_dir`` and renamed into place when complete.
 
     A SEG is built from its source's header: the one a job handed over with :meth:`use_source` (read once for
-    decoding and writing), else read from the file when the SEG is written.
+    decoding and writing), else read from the file when the SEG is written. Outputs are named with the stems a job sets
+    in :attr:`output_stems` (:func:`~monai_ecrm.clinical.writing.output_stems`: two inputs never share an output), a
+    source's file stem otherwise.
 
     Args:
         keys: keys of the predictions.
@@ -85,6 +87,7 @@ class SaveDicomSegd(MapTransform):
         self.algorithm_version = algorithm_version or bundle_version()
         self.algorithm_parameters = dict(algorithm_parameters or {})
         self.series_number = series_number
+        self.output_stems: dict[str, str] = {}
         self.partial = PartialFolder(output_dir)
         self._series_uids: dict[str, str] = {}
         self._pending: dict[str, _PendingSeg] = {}
@@ -137,6 +140,7 @@ class SaveDicomSegd(MapTransform):
             self.data_root_dir,
             self.output_postfix,
             dicom_seg=False,
+            stem=self.output_stems.get(source_key(meta["source_path"])),
         )
         return self.partial.publish(written[0], final)
 
@@ -163,7 +167,8 @@ class SaveDicomSegd(MapTransform):
             numbers = sorted(pending.frames)
             encoded = [pending.frames[n] for n in numbers]
             seg = derive_seg(header, None, encoded, [n + 1 for n in numbers], self.probabilities, identification)
-        final = prediction_path(source_path, self.output_dir, None, self.data_root_dir, self.output_postfix)
+        stem = self.output_stems.get(source_key(source_path))
+        final = prediction_path(source_path, self.output_dir, None, self.data_root_dir, self.output_postfix, stem=stem)
         written = self.partial.folder / final.name
         seg.save_as(written)
         return self.partial.publish(written, final)

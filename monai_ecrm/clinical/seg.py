@@ -3,7 +3,8 @@
 :func:`build_dicom_seg` makes a BINARY segmentation (FRACTIONAL, probability 0..255, when probabilities are asked for)
 with one segment "Polyp" (category SCT 49755003 "Morphologically Abnormal Structure", type SCT 41329004 "Polyp",
 algorithm type AUTOMATIC, algorithm family DCM 123110 "Artificial Intelligence", algorithm name and version of the
-bundle), the source's patient and study, a new series, and per frame a Derivation Image reference to the source
+bundle, and as parameters how it ran: threshold, input size, the model file and a short SHA-256 of it, what the model
+was trained on), the source's patient and study, a new series, and per frame a Derivation Image reference to the source
 instance (and its frame) so that a viewer overlays it.
 
 highdicom (0.28) builds segmentations of single-frame sources without a frame of reference (secondary captures, VL
@@ -138,6 +139,16 @@ def _software_versions() -> str:
     return f"monai-ecrm {__version__}, highdicom {highdicom.__version__}"
 
 
+def _parameter_value(value: Any) -> str:
+    """A value of Algorithm Parameters, which highdicom writes as ``key=value,key=value``: a square size as one number
+    (``352``), another size as ``HxW``, commas of free text (a training description) as semicolons, so that the list
+    splits back into its parameters."""
+    if isinstance(value, (list, tuple)):
+        sizes = [str(item) for item in value]
+        value = sizes[0] if len(set(sizes)) == 1 else "x".join(sizes)
+    return str(value).replace(",", ";")
+
+
 def _highdicom_seg(
     source,
     pixel_array: np.ndarray,
@@ -154,7 +165,7 @@ def _highdicom_seg(
         name=ALGORITHM_NAME,
         family=hd.sr.CodedConcept(*ARTIFICIAL_INTELLIGENCE),
         version=algorithm_version or bundle_version(),
-        parameters={str(k): str(v) for k, v in (algorithm_parameters or {}).items()} or None,
+        parameters={str(k): _parameter_value(v) for k, v in (algorithm_parameters or {}).items()} or None,
     )
     segment = hd.seg.SegmentDescription(
         segment_number=1,
@@ -295,7 +306,8 @@ def build_dicom_seg(
         series_instance_uid: the segmentation series (a new one when not given).
         series_number: its Series Number.
         algorithm_version: version in the algorithm identification (the bundle's version when not given).
-        algorithm_parameters: parameters named in the algorithm identification (threshold, input size, model).
+        algorithm_parameters: parameters named in the algorithm identification (threshold, input size, model);
+            a size list is written as one number (square) or ``HxW``, commas in values as semicolons.
 
     Returns:
         A ``highdicom.seg.Segmentation`` (a ``pydicom`` dataset), to ``save_as``.
