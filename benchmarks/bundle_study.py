@@ -69,7 +69,8 @@ def _overrides(values: dict[str, Any]) -> list[str]:
 
 def _model_overrides(model: str, ecrm: dict[str, Any], size: int) -> dict[str, Any]:
     if model == "ecrm":
-        return {"ecrm_channels": 320, **ecrm}
+        # the channels of the encoder level ECRM works on, as in the screening (320 at 1/32, 112 at 1/16 for Lite0)
+        return {"ecrm_channels": _level_channels(ecrm.get("memory_stride")), **ecrm}
     if model == "no_ecrm":
         return {"use_ecrm": False}
     if model == "flexunet":
@@ -82,6 +83,17 @@ def _model_overrides(model: str, ecrm: dict[str, Any], size: int) -> dict[str, A
         }
         return {"use_ecrm": False, "network_def": network}
     raise ValueError(model)
+
+
+def _level_channels(memory_stride: int | None) -> int:
+    import math
+
+    from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
+
+    import monai_ecrm  # noqa: F401  (registers efficientnet-lite0)
+
+    channels = FLEXUNET_BACKBONE.register_dict[RECIPE["backbone"]]["feature_channel"]
+    return int(channels[-1] if not memory_stride else channels[int(math.log2(memory_stride)) - 1])
 
 
 def _run(command: list[str], log: Path, threads: int) -> None:
@@ -176,7 +188,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, datalist: Path) -> 
             "bn_refresh": True,
             "protocol": "bundle",
             "bank_size": ecrm.get("bank_size", 20),
-            "ecrm_channels": 320,
+            "ecrm_channels": _level_channels(ecrm.get("memory_stride")) if model == "ecrm" else 320,
             **({"ecrm_options": ecrm} if ecrm else {}),
         },
         "model": config["model"],
