@@ -40,6 +40,7 @@ __all__ = [
     "attach_handlers",
     "check_bundle_root",
     "check_model",
+    "log_metrics",
     "require_model",
     "main",
 ]
@@ -246,6 +247,17 @@ def require_model(path: str | os.PathLike) -> str:
             "or pass --ckpt_path PATH to a model.pt."
         )
     return str(path)
+
+
+def log_metrics(engine: Any) -> None:
+    """``StatsHandler(epoch_print_logger=...)`` for evaluation: one INFO line with the metrics, without the "best
+    value at epoch" line a training validation needs (an evaluation selects nothing)."""
+    metrics = ", ".join(
+        f"{name}: {value:.4f}"
+        for name, value in sorted(engine.state.metrics.items())
+        if isinstance(value, (int, float))
+    )
+    engine.logger.info(f"Evaluation metrics -- {metrics}")
 
 
 def check_model(
