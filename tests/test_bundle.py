@@ -43,7 +43,8 @@ def trained_bundle(tmp_path_factory) -> Path:
     """One tiny training run shared by every test that needs a trained bundle."""
     root = tmp_path_factory.mktemp("bundle") / "polyp_ecrm"
     shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("models", "eval", "demo_data", "logs", "predictions"))
-    bundle_run(root, ["train.json"], "--max_epochs", "2", *TINY)
+    result = bundle_run(root, ["train.json"], "--max_epochs", "2", *TINY)
+    (root / "train.log").write_text(result.stdout + result.stderr)
     return root
 
 
@@ -82,6 +83,26 @@ def test_evaluate_reports_main_and_aux_metrics_per_image_and_summary(trained_bun
     assert len(per_image) == 1 + 5, "one row per validation image (5 of the 24 synthetic pairs) plus a header"
     assert (eval_dir / "report" / "summary.md").read_text().count("|") > 10
     assert list((eval_dir / "report" / "overlays").rglob("*.png")), "overlays of the worst cases"
+    # the documented evaluation log (bundle docs, "Log lines"): each event once, nothing about a best epoch
+    assert log.count("Evaluation metrics -- ") == 1 and "best value" not in log
+    assert sum("WARNING" in line and "SYNTHETIC demo set" in line for line in log.splitlines()) == 1
+
+
+def test_training_logs_each_event_once_at_its_level(trained_bundle):
+    """The documented training log (bundle docs, "Log lines") of a 2-epoch demo run validating every epoch."""
+    lines = (trained_bundle / "train.log").read_text().splitlines()
+
+    def count(text: str, level: str = "INFO") -> int:
+        return sum(text in line and f" {level} " in line for line in lines)
+
+    assert count("Epoch 1: learning rate") == 1 and count("Epoch 2: learning rate") == 1
+    assert count("BatchNorm running statistics recomputed") == 3, "before each validation and at the end"
+    assert count("ECRM memory refreshed with the current weights") == 3, "before each validation and at the end"
+    assert count("Epoch[2] ECRM memory:") == 1
+    assert count("Train completed, saved final checkpoint") == 1
+    assert not any(" WARNING " in line or " ERROR " in line for line in lines), [
+        line for line in lines if " WARNING " in line or " ERROR " in line
+    ]
 
 
 def test_inference_over_a_folder_with_a_corrupt_file(trained_bundle, tmp_path):
