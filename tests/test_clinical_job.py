@@ -12,23 +12,12 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from clinical_fixtures import OneConv
 from conftest_data import dicom_dataset, write_dicom, write_png
 from test_dicom_seg import multiframe_dicom, video_frames
 
 import monai_ecrm.clinical as clinical
 from monai_ecrm.clinical import ClinicalInference, FrameOutput, TorchRunner
-
-
-class OneConv(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
-        with torch.no_grad():
-            self.conv.weight.fill_(0.2)
-            self.conv.bias.fill_(-0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
 
 
 class MeanLogitRunner:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from clinical_fixtures import save_torchscript
 from conftest_data import DATA_DIR, dicom_dataset, write_dicom, write_png
 from test_dicom_seg import video_frames
 
@@ -24,20 +24,9 @@ _HOST = "import logging, sys; logging.basicConfig(level=logging.INFO); from mona
 _HOST += "sys.exit(main(sys.argv[1:]))"
 
 
-class OneConv(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
 @pytest.fixture(scope="module")
 def torchscript_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "model.ts"
-    torch.jit.script(OneConv()).save(str(path))
-    return path
+    return save_torchscript(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from clinical_fixtures import save_torchscript
 from conftest_data import dicom_dataset, real_data, write_dicom, write_png
 from PIL import Image
 from test_dicom_seg import multiframe_dicom, structured_report, video_frames
@@ -29,25 +30,9 @@ TINY = {"backbone": "resnet10", "bank_size": 2}
 TINY_ARGS = ["--backbone", "resnet10", "--bank-size", "2", "--spatial-size", "64", "--no-progress"]
 
 
-class OneConv(torch.nn.Module):
-    """Logits from one 3x3 convolution: enough to give masks that follow the picture."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
-        with torch.no_grad():
-            self.conv.weight.fill_(0.2)
-            self.conv.bias.fill_(-0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
 @pytest.fixture(scope="module")
 def torchscript_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "model.ts"
-    torch.jit.script(OneConv()).save(str(path))
-    return path
+    return save_torchscript(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ One concern per module:
 - :mod:`~monai_ecrm.clinical.save`: the post-processing step writing SEGs and PNG/NIfTI masks.
 - :mod:`~monai_ecrm.clinical.prefetch`: the next frames prepared in a background thread.
 - :mod:`~monai_ecrm.clinical.report`: what happened to each input, ``report.csv``.
+- :mod:`~monai_ecrm.clinical.explain`: which memory cases each image drew on (``--explain K``): report columns and
+  ``<stem>_explain.png`` pictures.
 - :mod:`~monai_ecrm.clinical.job`: the job that ties them together, :class:`ClinicalInference`.
 - :mod:`~monai_ecrm.clinical.cli`: the ``monai-ecrm-infer`` command and what it prints.
 
@@ -21,6 +23,15 @@ One concern per module:
 from __future__ import annotations
 
 from monai_ecrm.clinical.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
+from monai_ecrm.clinical.explain import (
+    CasePictures,
+    ExplainingRunner,
+    Explanation,
+    ExplanationWriter,
+    MemoryCase,
+    explain_problem,
+    memory_case_names,
+)
 from monai_ecrm.clinical.job import ClinicalInference
 from monai_ecrm.clinical.pipeline import LoadFramed, clinical_postprocessing, clinical_preprocessing
 from monai_ecrm.clinical.prefetch import Prefetch, prefetched
@@ -58,6 +69,7 @@ __all__ = [
     "ALGORITHM_NAME",
     "ARTIFICIAL_INTELLIGENCE",
     "BUNDLE_SETTINGS",
+    "CasePictures",
     "ClinicalInference",
     "DecodedFrame",
     "DicomSource",
@@ -65,10 +77,14 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
+    "ExplainingRunner",
+    "Explanation",
+    "ExplanationWriter",
     "FrameOutput",
     "InputFile",
     "InputResult",
     "LoadFramed",
+    "MemoryCase",
     "ModelRunner",
     "NotAnImageError",
     "PARTIAL_DIR",
@@ -88,10 +104,12 @@ __all__ = [
     "clinical_preprocessing",
     "describe_problem",
     "expected_outputs",
+    "explain_problem",
     "find_inputs",
     "iter_dicom_frames",
     "load_model",
     "main",
+    "memory_case_names",
     "prediction_path",
     "prefetched",
     "read_dicom_source",

@@ -6,6 +6,9 @@ given)::
 
     monai-ecrm-infer: model: <file> (sha256 <12 hex>): trained on <data> at <H>x<W> px   INFO, the model used
     monai-ecrm-infer: model: assumed <size, normalisation, threshold>: ...     WARNING, what the model does not state
+    monai-ecrm-infer: explain: <why the frames cannot be explained>; ...       WARNING, --explain on such a model
+    monai-ecrm-infer: explain: --explain <K>: the memory holds <n> cases: ...  INFO, K above the filled slots
+    monai-ecrm-infer: explain: pictures of <n> of <m> memory cases found ...   INFO, where the case pictures come from
     monai-ecrm-infer: skipped: <input>: <why it holds no image>               INFO, an input skipped as no image
     monai-ecrm-infer: partial: <input>: <n> of <m> frames segmented; <why>    WARNING, some frames not decoded
     monai-ecrm-infer: failed: <input>: <problem>                              ERROR, an input that failed
@@ -15,7 +18,8 @@ The model line names the model file used, a short SHA-256 of it, and what its re
 was trained on and at which input size (``no model record: ...`` for a file without one; ``(the installed bundle's: no
 model option given)`` after the hash when no model option was given); the same file and hash are the ``model`` and
 ``model_sha256`` columns of ``report.csv`` and parameters of each SEG's algorithm identification. The ``assumed`` line
-lists the package defaults used for what neither the model nor the command line states. The inputs written or
+lists the package defaults used for what neither the model nor the command line states. The ``explain`` lines
+(``--explain K``, :mod:`~monai_ecrm.clinical.explain`) come after them, once each. The inputs written or
 already done have no line of their own: they are counted in the last line and listed in
 ``report.csv`` with every other input. An interrupted job prints, instead of those lines,
 ``monai-ecrm-infer: interrupted after <n> of <m> inputs`` (WARNING, exit status 130); a run that cannot start
@@ -45,6 +49,7 @@ from typing import Any
 
 import torch
 
+from monai_ecrm.clinical.explain import NOTE_COLUMN, CasePictures, ExplainingRunner
 from monai_ecrm.clinical.job import ClinicalInference
 from monai_ecrm.clinical.report import REPORT_NAME, InputResult, write_report
 from monai_ecrm.clinical.runner import (
@@ -111,6 +116,18 @@ differ: it is an operating point). A bundle trained before records gives its con
 and threshold. The model used is named in the log, in report.csv and in each SEG. --onnx runs an ONNX export
 (float32, or INT8 from `python -m monai_ecrm.onnx quantize`) with ONNX Runtime on the CPU, its input size,
 normalisation and threshold read from the file's model record; --bf16 runs a PyTorch model under bfloat16 autocast.
+
+--explain K names, for every image (and every frame of a video), the K cases of the model's ECRM memory (the training
+cases whose prototypes every pixel attends to) that the image drew on most: their share of the attention over the
+predicted polyp, from the same forward as the mask. report.csv gets the columns explain_cases (names joined with |,
+largest share first) and explain_shares (the shares, 3 decimals; the frames of a video joined with ;), and every
+image and frame a picture beside its mask, <stem>_explain.png (<stem>_frame0003_explain.png for a frame of a video,
+DICOM included): the input with the predicted contour, then the K cases with their names and shares. The cases'
+pictures are read on this machine, from --explain-root or from the training folder the model record names, where
+they are; a case not found is a grey tile with its name (a model carries the names of its memory's cases, never
+their pictures). It needs the PyTorch network (--checkpoint, or a bundle's models/model.pt, taken before its
+model.ts); a model whose memory is empty or does not record its cases gets its masks and a report column
+explain_note saying why.
 
 Research use only: not a medical device, not for diagnosis."""
 
@@ -196,6 +213,22 @@ def _parser() -> argparse.ArgumentParser:
         "back to float32 before the threshold",
     )
     options.add_argument("--no-progress", action="store_true", help="no progress bars")
+    explain = parser.add_argument_group("memory provenance")
+    explain.add_argument(
+        "--explain",
+        type=int,
+        default=0,
+        metavar="K",
+        help="name the K memory cases each image drew on most, with their shares: report.csv columns explain_cases "
+        "and explain_shares, and <stem>_explain.png beside each mask (PyTorch models only; default 0: none)",
+    )
+    explain.add_argument(
+        "--explain-root",
+        action="append",
+        metavar="DIR",
+        help="folder holding the memory cases' pictures (repeatable; looked in before the training folder the model "
+        "record names)",
+    )
     return parser
 
 
@@ -278,7 +311,8 @@ def _load(args: argparse.Namespace, device: str) -> _Model:
 
         bundle_root = Path(args.bundle) if args.bundle else bundle_path()
         models = bundle_root / "models"
-        if (models / "model.ts").is_file():
+        explainable = args.explain and (models / "model.pt").is_file()  # a TorchScript file has no memory attention
+        if (models / "model.ts").is_file() and not explainable:
             torchscript = models / "model.ts"
         elif (models / "model.pt").is_file():
             checkpoint = models / "model.pt"
@@ -334,11 +368,42 @@ def _log_model(model: _Model) -> None:
 
 def _onnx_conflict(args: argparse.Namespace) -> str | None:
     """What an ``--onnx`` command line also asks for that an ONNX model cannot do, if anything."""
+    if args.explain:
+        return (
+            "--explain needs the PyTorch network's memory attention, which an ONNX model does not give: use the "
+            "--checkpoint (models/model.pt) it was exported from"
+        )
     if args.bf16:
         return "--bf16 is for a PyTorch model: an ONNX model runs in its file's precision (float32 or INT8)"
     if args.device and args.device.split(":")[0] != "cpu":
         return f"--device {args.device}: an ONNX model runs on the CPU (ONNX Runtime's CPU provider)"
     return None
+
+
+def _explaining(args: argparse.Namespace, model: _Model, device: str) -> tuple[ExplainingRunner, CasePictures | None]:
+    """The runner of ``--explain K`` and the memory cases' pictures (``None`` when nothing can be explained); logs
+    the ``explain`` lines."""
+    runner = ExplainingRunner(model.network, args.explain, device, "bf16" if args.bf16 else None, model.record)
+    if runner.problem:
+        logger.warning("explain: %s; masks written without explanations (report.csv: %s)", runner.problem, NOTE_COLUMN)
+        return runner, None
+    filled = len(runner.names)
+    if args.explain > filled:
+        logger.info("explain: --explain %d: the memory holds %d cases: all %d shown", args.explain, filled, filled)
+    dataset_dir = (model.record.get("training") or {}).get("dataset_dir")
+    pictures = CasePictures([*(args.explain_root or []), dataset_dir])
+    found = sum(pictures.path(name) is not None for name in runner.names if name is not None)
+    looked = ", ".join(map(str, pictures.roots)) or "no folder: no --explain-root, no training folder in the record"
+    if found:
+        logger.info("explain: pictures of %d of %d memory cases found (in %s)", found, filled, looked)
+    else:
+        logger.info(
+            "explain: pictures of 0 of %d memory cases found (looked in %s): their names are shown; --explain-root DIR "
+            "names the folder of the training pictures",
+            filled,
+            looked,
+        )
+    return runner, pictures
 
 
 def _summary(results: Sequence[InputResult], report: Path) -> int:
@@ -371,6 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = [name for name in ("checkpoint", "torchscript", "bundle", "onnx") if getattr(args, name)]
     if len(given) > 1:
         parser.error(f"give one model: --{' and --'.join(given)} given")
+    if args.explain < 0:
+        parser.error(f"--explain {args.explain}: give the number of memory cases to name (0: none)")
+    if args.explain_root and not args.explain:
+        parser.error("--explain-root is for --explain K")
     conflict = _onnx_conflict(args) if args.onnx else None
     if conflict:
         parser.error(conflict)
@@ -384,12 +453,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not inputs:
                 raise ValueError(f"{args.input}: no file found")
             output_stems(inputs, output_dir, data_root_dir)  # two inputs sharing an output: before anything is written
+            if args.explain and not callable(getattr(model.network, "forward_with_shares", None)):
+                raise ValueError(
+                    f"--explain needs the network's memory attention, which a TorchScript model does not have "
+                    f"({model.file}): give the checkpoint it was exported from (--checkpoint models/model.pt)"
+                )
         except (ValueError, FileNotFoundError, ImportError) as error:  # ImportError: --onnx without onnxruntime
             logger.error("error: %s", error)
             return EXIT_USAGE
         _log_model(model)
+        runner: torch.nn.Module | ModelRunner = model.network
+        pictures = None
+        columns = model.columns()
+        if args.explain:
+            runner, pictures = _explaining(args, model, device)
+            if runner.problem:
+                columns[NOTE_COLUMN] = runner.problem
+        elif args.bf16:
+            runner = TorchRunner(model.network, device, autocast="bf16")
         job = ClinicalInference(
-            TorchRunner(model.network, device, autocast="bf16") if args.bf16 else model.network,
+            runner,
             output_dir,
             spatial_size=args.spatial_size or model.settings.get("spatial_size", 352),
             normalization=model.settings.get("normalization") or normalization_for_backbone(model.backbone),
@@ -402,12 +485,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             bundle_root=model.bundle_root,
             algorithm_parameters=model.algorithm_parameters(),
+            case_pictures=pictures,
         )
         results: list[InputResult] = []
         try:
             job.run(inputs, results)
         except KeyboardInterrupt:
-            write_report(results, output_dir / REPORT_NAME, model.columns())
+            write_report(results, output_dir / REPORT_NAME, columns)
             logger.warning("interrupted after %d of %d inputs", len(results), len(inputs))
             return EXIT_INTERRUPTED
-        return _summary(results, write_report(results, output_dir / REPORT_NAME, model.columns()))
+        return _summary(results, write_report(results, output_dir / REPORT_NAME, columns))

@@ -15,6 +15,10 @@ the calling thread, in input order, so outputs, reports and interruption behave 
 turn. The prefetch thread hands over a stream of events: an :class:`~monai_ecrm.clinical.report.InputResult` for an
 input settled before decoding, else a ``_FileJob``, then each frame's network input (or the ``DataError`` of a frame
 that cannot be decoded), then a ``_FileEnd``.
+
+With ``case_pictures`` (``--explain K``) every explained frame also gets ``<stem>_explain.png`` beside its mask
+(:class:`~monai_ecrm.clinical.explain.ExplanationWriter`), an output of its input like the mask: named, claimed and
+checked on a rerun with it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 import torch
 
+from monai_ecrm.clinical.explain import CasePictures, ExplanationWriter
 from monai_ecrm.clinical.pipeline import clinical_postprocessing, clinical_preprocessing
 from monai_ecrm.clinical.prefetch import prefetched
 from monai_ecrm.clinical.report import InputResult, describe_problem
@@ -96,6 +101,10 @@ class ClinicalInference:
         prefetch: frames decoded and pre-processed ahead, in a background thread, while the network runs on the
             current one (across the frames of a file and across files); 0 decodes each frame when it is needed.
             Each frame ahead holds one decoded frame and its network input, so memory does not grow with the video.
+        case_pictures: write ``<stem>_explain.png`` beside each mask (for DICOM sources too; an output of the input,
+            like its mask) for the frames the runner explains (an
+            :class:`~monai_ecrm.clinical.explain.ExplainingRunner`), the memory cases' pictures found here
+            (:class:`~monai_ecrm.clinical.explain.ExplanationWriter`); ``None``: no explanation pictures.
     """
 
     def __init__(
@@ -114,6 +123,7 @@ class ClinicalInference:
         bundle_root: str | os.PathLike | None = None,
         algorithm_parameters: dict[str, Any] | None = None,
         prefetch: int = 2,
+        case_pictures: CasePictures | None = None,
     ) -> None:
         self.runner: ModelRunner = TorchRunner(model, device) if isinstance(model, torch.nn.Module) else model
         self.output_dir = Path(output_dir)
@@ -135,6 +145,18 @@ class ClinicalInference:
             algorithm_parameters=parameters,
         )
         self.writer: SaveDicomSegd = self.postprocessing.transforms[-1]
+        self.explanations = None
+        if case_pictures is not None:
+            self.explanations = ExplanationWriter(
+                output_dir,
+                case_pictures,
+                normalization,
+                threshold,
+                probabilities,
+                data_root_dir,
+                partial=self.writer.partial,
+                output_stems=self.writer.output_stems,
+            )
         self._owners: dict[str, Path] = {}
 
     def process(self, path: str | os.PathLike) -> InputResult:
@@ -162,6 +184,8 @@ class ClinicalInference:
         """
         results = [] if results is None else results
         self.writer.output_stems = output_stems(inputs, self.output_dir, self.data_root_dir)
+        if self.explanations is not None:
+            self.explanations.output_stems = self.writer.output_stems
         try:
             with prefetched(self._events(inputs), self.prefetch) as events:
                 for result in _progress(self._results(events), len(inputs), self.progress, "inputs", unit="file"):
@@ -173,7 +197,10 @@ class ClinicalInference:
     # ------------------------------------------------------------------------------- prefetch thread: reading
     def _outputs(self, path: Path, fmt: str, num_frames: int | None) -> list[Path]:
         stem = self.writer.output_stems.get(source_key(path))
-        return expected_outputs(path, fmt, num_frames, self.output_dir, self.data_root_dir, self.dicom_png, stem)
+        outputs = expected_outputs(path, fmt, num_frames, self.output_dir, self.data_root_dir, self.dicom_png, stem)
+        if self.explanations is not None and num_frames is not None:
+            outputs += self.explanations.expected(path, num_frames)
+        return outputs
 
     def _taken(self, path: Path, outputs: list[Path]) -> InputResult | None:
         """Claim ``outputs`` for ``path``; the failed result of ``path`` when another input of the job has one."""
@@ -204,7 +231,8 @@ class ClinicalInference:
                 yield InputResult(str(path), "skipped", detail=describe_problem(error))
                 continue
             expected: list[Path] = []
-            named_without_header = fmt == "dicom" and not self.dicom_png  # a SEG's name needs no header
+            # a SEG's name needs no header; PNG outputs (masks, explanations) are named per frame
+            named_without_header = fmt == "dicom" and not self.dicom_png and self.explanations is None
             if named_without_header:
                 expected = self._outputs(path, fmt, None)
                 taken = self._taken(path, expected)
@@ -243,7 +271,9 @@ class ClinicalInference:
         """Run the model on a frame's network input and write its outputs; the frame's report values."""
         output = self.runner(data["image"].as_tensor())
         data["pred"] = output.logits
-        self.postprocessing(data)
+        written = self.postprocessing(data)
+        if self.explanations is not None and output.explanation is not None:
+            self.explanations(written, output.explanation)
         return output.columns
 
     def _results(self, events: Iterable[Any]) -> Iterator[InputResult]:

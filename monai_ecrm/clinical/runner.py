@@ -4,6 +4,7 @@ A job talks to its model through a :class:`ModelRunner`: a callable that takes o
 :class:`FrameOutput`, the foreground logits and, where a runner has more to say about the frame, extra values for the
 job's report (one column each). :class:`TorchRunner` runs a PyTorch module (a network or a TorchScript export, see
 :func:`load_model`); another runtime (an ONNX Runtime session) is another runner, and the job does not change.
+:class:`~monai_ecrm.clinical.explain.ExplainingRunner` also says which memory cases each frame drew on.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from monai_ecrm.inferers import AutocastInferer
+
+if TYPE_CHECKING:
+    from monai_ecrm.clinical.explain import Explanation
 
 __all__ = [
     "BUNDLE_SETTINGS",
@@ -45,10 +49,14 @@ class FrameOutput:
         logits: foreground logits ``[1, H, W]`` at the network input's size (on any device).
         columns: values for the job's report, by column name (the values of the frames of one input are joined with
             ``;`` in its row); empty for a plain segmentation.
+        explanation: the memory cases the frame drew on (an :class:`~monai_ecrm.clinical.explain.Explanation`, from
+            an :class:`~monai_ecrm.clinical.explain.ExplainingRunner`), which the job draws beside the mask; ``None``
+            for a plain segmentation.
     """
 
     logits: torch.Tensor
     columns: dict[str, str] = field(default_factory=dict)
+    explanation: Explanation | None = None
 
 
 class ModelRunner(Protocol):

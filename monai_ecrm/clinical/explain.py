@@ -1,0 +1,466 @@
+"""Memory provenance of a clinical job: which training cases of the ECRM memory each image drew on.
+
+ECRM attends, at every position of its feature map, to a memory of class prototypes, each slot written from one
+training case (:attr:`~monai_ecrm.networks.blocks.MemoryBank.sources`, named by ``source_names``). The share of that
+attention each slot receives for an image, weighted over the predicted polyp, is
+:meth:`~monai_ecrm.networks.nets.ECRMUNet.forward_with_shares`'s second output, computed in the forward that gives the
+mask. ``monai-ecrm-infer --explain K`` reports the K cases with the largest shares:
+
+- :class:`ExplainingRunner`: a :class:`~monai_ecrm.clinical.runner.TorchRunner` that calls ``forward_with_shares``
+  instead of ``forward`` (no second forward) and gives each frame's :class:`Explanation` and its report columns
+  (:data:`EXPLAIN_COLUMNS`: ``explain_cases`` ``"a.jpg|b.jpg"``, ``explain_shares`` ``"0.412|0.201"``, the cases of
+  one frame joined with ``|``, so the job can join the frames of a video with ``;``);
+- :class:`ExplanationWriter`: ``<stem>_explain.png`` beside each mask (named as the mask, written atomically): the
+  picture with the predicted contour, then a tile per memory case with its name and share;
+- :class:`CasePictures`: the memory cases' pictures, found on the user's side under the folders given (the model
+  record's ``training.dataset_dir``, ``--explain-root``); a case whose picture is not there gets a grey tile with its
+  name. No picture of a training case travels with a model: only the names do.
+
+A model whose memory is empty, or does not record which cases wrote it, cannot be explained: :func:`explain_problem`
+says why (``monai-ecrm-infer`` logs it once and puts it in the report's :data:`NOTE_COLUMN`), and the runner gives the
+masks alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from monai_ecrm.clinical.runner import FrameOutput, TorchRunner
+from monai_ecrm.clinical.writing import PartialFolder, prediction_path, source_key
+from monai_ecrm.data.errors import DataError
+from monai_ecrm.transforms import NORMALIZATIONS
+from monai_ecrm.transforms.io import LoadPolypImage
+
+__all__ = [
+    "EXPLAIN_COLUMNS",
+    "EXPLAIN_POSTFIX",
+    "NOTE_COLUMN",
+    "CasePictures",
+    "Explanation",
+    "ExplainingRunner",
+    "ExplanationWriter",
+    "MemoryCase",
+    "compose_explanation",
+    "explain_problem",
+    "memory_case_names",
+]
+
+EXPLAIN_COLUMNS = ("explain_cases", "explain_shares")
+"""The report columns of an explained frame: the case names and their shares (3 decimals), largest share first, the
+cases of a frame joined with ``|``."""
+NOTE_COLUMN = "explain_note"
+"""The report column saying why the model's frames are not explained (the same on every row; no
+:data:`EXPLAIN_COLUMNS` then)."""
+EXPLAIN_POSTFIX = "explain"
+"""Output postfix of the explanation pictures: ``<stem>_explain.png`` beside ``<stem>_seg.png``."""
+CASE_SEPARATOR = "|"
+"""Joins the cases of one frame in the report (``;`` joins the frames of a video)."""
+
+_TILE = 256
+_CAPTION = 40
+_TITLE = 26
+_GAP = 8
+_BACKGROUND = (24, 24, 24)
+_MISSING = (128, 128, 128)
+_TEXT = (235, 235, 235)
+_CONTOUR = (255, 230, 0)
+
+
+@dataclass(frozen=True)
+class MemoryCase:
+    """A memory slot an image attended to.
+
+    Args:
+        slot: the slot's index in storage order.
+        name: the case that wrote it (a path relative to the refresh set's common folder, e.g.
+            ``kvasir_seg/images/cju0qkwl35piu0993l0dewei2.jpg``), ``None`` when the memory does not record it.
+        share: its share of ECRM's attention over the predicted polyp (the shares of the filled slots sum to 1).
+    """
+
+    slot: int
+    name: str | None
+    share: float
+
+    @property
+    def label(self) -> str:
+        """The case's name, or ``slot <n> (case unknown)``."""
+        return self.name if self.name is not None else f"slot {self.slot} (case unknown)"
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The memory cases one frame drew on most, largest share first."""
+
+    cases: tuple[MemoryCase, ...]
+
+    def columns(self) -> dict[str, str]:
+        """The frame's report values (:data:`EXPLAIN_COLUMNS`)."""
+        return {
+            EXPLAIN_COLUMNS[0]: CASE_SEPARATOR.join(case.label for case in self.cases),
+            EXPLAIN_COLUMNS[1]: CASE_SEPARATOR.join(f"{case.share:.3f}" for case in self.cases),
+        }
+
+
+def _memory(network: torch.nn.Module) -> Any:
+    """The ECRM memory bank of a network, ``None`` when it has none."""
+    return getattr(getattr(network, "ecrm", None), "memory", None)
+
+
+def memory_case_names(network: torch.nn.Module, record: Mapping[str, Any] | None = None) -> list[str | None]:
+    """The case of each filled memory slot, in storage order (``None`` where it is not recorded).
+
+    The memory's own names (``MemoryBank.slot_names``, saved with the weights) come first; a memory that records the
+    slots' case indices but not their names takes them from the model record's ``memory.sources``.
+
+    Args:
+        network: an ECRM network (eager: a TorchScript module has no ``forward_with_shares``).
+        record: the model's record.
+    """
+    bank = _memory(network)
+    if bank is None:
+        return []
+    filled = int(bank.filled)
+    names = list(bank.slot_names())[:filled]
+    recorded = ((record or {}).get("memory") or {}).get("sources")
+    if all(name is None for name in names) and isinstance(recorded, list) and recorded:
+        sources = bank.sources.tolist()[:filled]
+        names = [str(recorded[index]) if 0 <= index < len(recorded) else None for index in sources]
+    return names
+
+
+def explain_problem(network: Any, record: Mapping[str, Any] | None = None) -> str | None:
+    """Why a model's frames cannot be explained, ``None`` when they can.
+
+    Args:
+        network: the model as loaded.
+        record: the model's record.
+    """
+    if not callable(getattr(network, "forward_with_shares", None)):
+        return "the model has no memory attention to report (a TorchScript or another runtime's model)"
+    bank = _memory(network)
+    if not getattr(network, "use_ecrm", True) or bank is None:
+        return "the model has no ECRM memory (use_ecrm=False)"
+    if int(bank.filled) == 0:
+        return "the model's ECRM memory is empty: no training case to show"
+    if all(name is None for name in memory_case_names(network, record)):
+        return (
+            "the model's memory does not record which training cases wrote it (a model saved before memory "
+            "provenance: monai_ecrm.handlers.refresh_memory records them)"
+        )
+    return None
+
+
+class ExplainingRunner(TorchRunner):
+    """A :class:`~monai_ecrm.clinical.runner.TorchRunner` that also says which memory cases each frame drew on, from
+    the same forward as its logits (:meth:`~monai_ecrm.networks.nets.ECRMUNet.forward_with_shares`; the logits equal
+    ``forward``'s up to floating-point rounding).
+
+    Each :class:`~monai_ecrm.clinical.runner.FrameOutput` carries the frame's :class:`Explanation` (``explanation``)
+    and its report columns (:data:`EXPLAIN_COLUMNS`). A model that cannot be explained (:func:`explain_problem`,
+    :attr:`problem`) runs its plain forward: its frames have no explanation.
+
+    Args:
+        model: an ECRM network in eval mode (any other model is run plainly, see above).
+        top_k: cases per frame; at most the filled slots (:attr:`shown`).
+        device: where it runs.
+        autocast: see :class:`~monai_ecrm.clinical.runner.TorchRunner`.
+        record: the model's record (case names it may hold, see :func:`memory_case_names`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        top_k: int,
+        device: str | torch.device = "cpu",
+        autocast: str | torch.dtype | None = None,
+        record: Mapping[str, Any] | None = None,
+    ) -> None:
+        if top_k < 1:
+            raise ValueError(f"ExplainingRunner: top_k must be at least 1, got {top_k}")
+        super().__init__(model, device, autocast)
+        self.top_k = top_k
+        self.problem = explain_problem(model, record)
+        self.names = [] if self.problem else memory_case_names(model, record)
+        self.shown = min(top_k, len(self.names))
+
+    def __call__(self, image: torch.Tensor) -> FrameOutput:
+        if self.problem:
+            return super().__call__(image)
+        with torch.no_grad():
+            logits, shares = self.inferer(image.unsqueeze(0).to(self.device), self.model.forward_with_shares)
+        if logits.ndim != 4 or logits.shape[1] != 1:
+            raise ValueError(
+                f"the model gives logits of shape {tuple(logits.shape)}; one channel [B, 1, H, W] expected"
+            )
+        filled = shares[0, : len(self.names)].float().cpu()
+        values, slots = torch.topk(filled, self.shown)
+        cases = tuple(MemoryCase(slot, self.names[slot], share) for slot, share in zip(slots.tolist(), values.tolist()))
+        explanation = Explanation(cases)
+        return FrameOutput(logits[0].float(), explanation.columns(), explanation)
+
+
+class CasePictures:
+    """The pictures of the memory cases, found on the user's side: a case name (a path relative to the folder
+    common to the refresh set) is looked for in each of ``roots`` in turn, as ``root/name``, then one and two folder
+    levels below (a record's dataset folder above the images' folder). What was found is remembered; a case not found
+    is shown by its name alone.
+
+    Args:
+        roots: folders to look in, first match wins (``--explain-root``, then the record's ``training.dataset_dir``).
+        tile: the thumbnails' longest side in pixels (smaller pictures are enlarged).
+    """
+
+    def __init__(self, roots: Iterable[str | os.PathLike | None], tile: int = _TILE) -> None:
+        self.roots = [Path(root).expanduser() for root in roots if root]
+        self.tile = tile
+        self._paths: dict[str, Path | None] = {}
+        self._thumbnails: dict[str, Image.Image | None] = {}
+        self._prefixes: list[Path] = []
+        self._folders: dict[Path, list[Path]] = {}
+        self._loader = LoadPolypImage(as_label=False)
+
+    def path(self, name: str) -> Path | None:
+        """The picture file of a case, ``None`` when none of the roots holds it."""
+        if name not in self._paths:
+            self._paths[name] = self._find(_file_part(name))
+        return self._paths[name]
+
+    def _find(self, relative: str) -> Path | None:
+        if not relative or Path(relative).is_absolute() or ".." in Path(relative).parts:  # names stay below a root
+            return None
+        for folder in self._prefixes:  # where earlier cases were found: one stat per case in the usual layout
+            if (folder / relative).is_file():
+                return folder / relative
+        for root in self.roots:
+            for folder in self._candidates(root):
+                if (folder / relative).is_file():
+                    self._prefixes.append(folder)
+                    return folder / relative
+        return None
+
+    def _candidates(self, root: Path) -> list[Path]:
+        """``root`` and the folders one and two levels below it (listed once)."""
+        if root not in self._folders:
+            children = _subfolders(root)
+            self._folders[root] = [
+                root,
+                *children,
+                *(grandchild for child in children for grandchild in _subfolders(child)),
+            ]
+        return self._folders[root]
+
+    def thumbnail(self, name: str) -> Image.Image | None:
+        """The case's picture (RGB, its longest side :attr:`tile`), ``None`` when not found or unreadable."""
+        if name not in self._thumbnails:
+            path = self.path(name)
+            self._thumbnails[name] = None if path is None else self._read(path, _frame_part(name))
+        return self._thumbnails[name]
+
+    def _read(self, path: Path, frame: int | None) -> Image.Image | None:
+        try:
+            picture = self._loader(str(path), frame)
+        except (DataError, OSError, ValueError, RuntimeError):  # shown by its name, as a case not found
+            return None
+        image = _to_pil(picture.as_tensor().numpy())
+        return image.resize(_fitted(image.width, image.height, self.tile), Image.Resampling.BILINEAR)
+
+
+def _file_part(name: str) -> str:
+    """A case name without the ``#frame`` of a multi-frame item."""
+    return name.rsplit("#", 1)[0] if _frame_part(name) is not None else name
+
+
+def _frame_part(name: str) -> int | None:
+    head, _, tail = name.rpartition("#")
+    return int(tail) if head and tail.isdigit() else None
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(child for child in folder.iterdir() if child.is_dir() and not child.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _fitted(width: int, height: int, size: int) -> tuple[int, int]:
+    """``(width, height)`` scaled, up or down, so that the longest side is ``size``."""
+    scale = size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _to_pil(unit_rgb: np.ndarray) -> Image.Image:
+    """A ``[3, H, W]`` picture with intensities in ``[0, 1]`` as an RGB image."""
+    array = np.clip(np.moveaxis(unit_rgb, 0, -1), 0.0, 1.0) * 255.0
+    return Image.fromarray(np.ascontiguousarray(array.round().astype(np.uint8)), "RGB")
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    """``text``, its start cut off (``...``) until it fits ``width`` pixels: a path's end names the case."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength("..." + text, font=font) > width:
+        text = text[1:]
+    return "..." + text
+
+
+def _contour(mask: Image.Image) -> Image.Image:
+    """The outline of a mask (``"L"``, 0/255), two pixels wide."""
+    inner = mask.filter(ImageFilter.MinFilter(3))
+    edge = Image.fromarray(np.asarray(mask) & ~np.asarray(inner))
+    return edge.filter(ImageFilter.MaxFilter(3))
+
+
+def _centred(tile: Image.Image, picture: Image.Image) -> None:
+    tile.paste(picture, ((tile.width - picture.width) // 2, (tile.height - picture.height) // 2))
+
+
+def compose_explanation(
+    picture: Image.Image,
+    mask: np.ndarray,
+    cases: Sequence[MemoryCase],
+    thumbnails: Sequence[Image.Image | None],
+    title: str = "",
+    tile: int = _TILE,
+) -> Image.Image:
+    """The explanation picture: a row of tiles, the input with the predicted contour first, then each memory case
+    (its picture, or a grey tile with its name) with its rank, name and share below; ``title`` above.
+
+    Args:
+        picture: the input picture (RGB, any size; shown with its aspect ratio).
+        mask: the predicted mask ``[H, W]`` (bool) of the picture, at any size.
+        cases: the memory cases, largest share first.
+        thumbnails: each case's picture, ``None`` when not available.
+        title: a line above the row.
+        tile: the tiles' side in pixels.
+    """
+    small, large = _font(12), _font(14)
+    width = (len(cases) + 1) * (tile + _GAP) + _GAP
+    canvas = Image.new("RGB", (width, _TITLE + tile + _CAPTION), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((_GAP, 6), _fit(draw, title, large, width - 2 * _GAP), fill=_TEXT, font=large)
+
+    shown = picture.copy()
+    shown.thumbnail((tile, tile), Image.Resampling.BILINEAR)
+    outline = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255).resize(shown.size, Image.NEAREST)
+    shown.paste(Image.new("RGB", shown.size, _CONTOUR), mask=_contour(outline))
+    captions = [("input, predicted contour", "")]
+    tiles = [shown]
+    for rank, (case, thumbnail) in enumerate(zip(cases, thumbnails), start=1):
+        captions.append((f"{rank}. {case.label}", f"share {case.share:.3f}"))
+        tiles.append(thumbnail)
+
+    for index, (image, (first, second)) in enumerate(zip(tiles, captions)):
+        left = _GAP + index * (tile + _GAP)
+        box = Image.new("RGB", (tile, tile), _BACKGROUND if image is not None else _MISSING)
+        if image is not None:
+            _centred(box, image)
+        else:
+            note = ImageDraw.Draw(box)
+            lines = ["picture not found:", *_wrap(note, cases[index - 1].label, small, tile - 16)]
+            top = (tile - 16 * len(lines)) // 2
+            for number, line in enumerate(lines):
+                note.text((8, top + 16 * number), line, fill=(255, 255, 255), font=small)
+        canvas.paste(box, (left, _TITLE))
+        draw.text((left, _TITLE + tile + 4), _fit(draw, first, small, tile), fill=_TEXT, font=small)
+        draw.text((left, _TITLE + tile + 21), second, fill=_TEXT, font=small)
+    return canvas
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
+    """``text`` cut into lines of at most ``width`` pixels (a path has no spaces to break at)."""
+    lines, line = [], ""
+    for character in text:
+        if line and draw.textlength(line + character, font=font) > width:
+            lines.append(line)
+            line = ""
+        line += character
+    return [*lines, line][:10]
+
+
+class ExplanationWriter:
+    """Writes ``<stem>_explain.png`` (:func:`compose_explanation`) for an explained frame, beside its mask: the
+    mask's name with ``explain`` for ``seg`` (:func:`~monai_ecrm.clinical.writing.prediction_path`, the job's output
+    stems, so the collision rule of the masks holds), for DICOM sources too (``<stem>[_frameNNNN]_explain.png``),
+    written in the job's private folder and renamed into place.
+
+    Args:
+        output_dir: the output folder.
+        pictures: the memory cases' pictures.
+        normalization: the network input's normalisation (undone to show the picture).
+        threshold: the masks' threshold, for ``probabilities`` predictions.
+        probabilities: the post-processed predictions are probabilities rather than 0/1 masks.
+        data_root_dir: keep the sources' sub-folders below this folder in the output.
+        partial: where files are written before they are renamed into place (the mask writer's).
+        output_stems: the job's output stems (:func:`~monai_ecrm.clinical.writing.output_stems`).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        pictures: CasePictures,
+        normalization: str = "imagenet",
+        threshold: float = 0.5,
+        probabilities: bool = False,
+        data_root_dir: str | os.PathLike = "",
+        partial: PartialFolder | None = None,
+        output_stems: Mapping[str, str] | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.pictures = pictures
+        mean, std = NORMALIZATIONS[normalization]
+        self.mean = np.asarray(mean, dtype=np.float32)[:, None, None]
+        self.std = np.asarray(std, dtype=np.float32)[:, None, None]
+        self.threshold = threshold if probabilities else 0.5
+        self.data_root_dir = data_root_dir
+        self.partial = partial or PartialFolder(output_dir)
+        self.output_stems = output_stems if output_stems is not None else {}
+
+    def path(self, source: str | os.PathLike, frame: int | None = None) -> Path:
+        """The explanation picture of a source file (or of one frame of a multi-frame file)."""
+        stem = self.output_stems.get(source_key(source))
+        return prediction_path(
+            source, self.output_dir, frame, self.data_root_dir, EXPLAIN_POSTFIX, dicom_seg=False, stem=stem
+        )
+
+    def expected(self, source: str | os.PathLike, num_frames: int) -> list[Path]:
+        """The explanation pictures of a finished source."""
+        return [self.path(source, frame) for frame in ([None] if num_frames == 1 else range(num_frames))]
+
+    def __call__(self, data: Mapping[str, Any], explanation: Explanation) -> Path:
+        """Write the explanation picture of a post-processed frame.
+
+        Args:
+            data: the frame after the post-processing: ``image`` the network input ``[3, H, W]``, ``pred`` the mask
+                (or probabilities) ``[1, W, H]`` at the source's size, with the source's metadata.
+            explanation: the frame's memory cases.
+        """
+        prediction = data["pred"]
+        meta = prediction.meta
+        mask = prediction.detach().cpu().numpy()[0].T >= self.threshold  # [H, W] at the source's size, as AsDiscrete
+        shown = _fitted(mask.shape[1], mask.shape[0], self.pictures.tile)  # the source's aspect ratio
+        network_input = data["image"].detach().cpu().numpy() * self.std + self.mean
+        picture = _to_pil(network_input).resize(shown, Image.Resampling.BILINEAR)
+        thumbnails = [self.pictures.thumbnail(case.name) if case.name else None for case in explanation.cases]
+        frame = int(meta.get("frame_index", -1))
+        source = Path(meta["source_path"])
+        title = f"{source.name}{f' frame {frame}' if frame >= 0 else ''}: the ECRM memory cases it drew on most"
+        image = compose_explanation(picture, mask, explanation.cases, thumbnails, title, self.pictures.tile)
+        final = self.path(source, frame if frame >= 0 else None)
+        written = self.partial.folder / final.name
+        image.save(written, format="PNG", compress_level=1)  # zlib's default level takes ~6x longer, for ~20 % less
+        return self.partial.publish(written, final)
