@@ -81,6 +81,7 @@ from monai_ecrm.handlers import refresh_batchnorm, refresh_memory
 from monai_ecrm.handlers.aux_supervision import aux_to_label_size
 from monai_ecrm.metrics.evaluation import TABLE_HEADERS, score_pair, summarize
 from monai_ecrm.networks.nets import ECRMUNet
+from monai_ecrm.networks.nets.ecrm_unet import NoECRM
 from monai_ecrm.transforms import (
     NORMALIZATIONS,
     full_size_eval_postprocessing,
@@ -115,15 +116,6 @@ SUITE = tuple(TABLE_HEADERS)  # metric keys in the papers' column order
 
 
 # ---------------------------------------------------------------------------------------------------------- networks
-class IdentityECRM(nn.Module):
-    """Stand-in for ECRM: ``x -> (x, x[:, :1])``, the features unchanged and a dummy coarse map (never supervised)."""
-
-    def forward(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None, sources: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, x[:, :1]
-
-
 def network_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``ECRMUNet`` arguments of the ``ecrm`` model (what a bundle's ``network_def`` needs to load it)."""
     return {
@@ -169,7 +161,7 @@ def build_network(model: str, init: str, seed: int, args: argparse.Namespace) ->
         kwargs.update(attend_first=None, supervise_attention=False, ecrm_channels=deepest_channels(args.backbone))
     net = ECRMUNet(pretrained=pretrained, **kwargs)
     if model == "no_ecrm":
-        net.ecrm = IdentityECRM()
+        net.ecrm = NoECRM()  # replaced after construction: the same initial weights as the ecrm model
     return net
 
 

@@ -144,11 +144,9 @@ def _plain(value: Any) -> Any:
 
 
 def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from monai_ecrm.record import file_sha256
+
+    return file_sha256(path)
 
 
 def make_record(

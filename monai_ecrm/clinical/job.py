@@ -212,6 +212,15 @@ class ClinicalInference:
         self._owners.update((str(output).casefold(), path) for output in outputs)
         return None
 
+    def _skip(self, path: Path, expected: list[Path]) -> InputResult | None:
+        """The result of an input that is not run: its outputs belong to another input, or are already written."""
+        taken = self._taken(path, expected)
+        if taken is not None:
+            return taken
+        if self._done(expected):
+            return InputResult(str(path), "skipped-existing", [str(output) for output in expected])
+        return None
+
     def _done(self, outputs: list[Path]) -> bool:
         return bool(outputs) and not self.overwrite and all(output.is_file() for output in outputs)
 
@@ -235,12 +244,9 @@ class ClinicalInference:
             named_without_header = fmt == "dicom" and not self.dicom_png and self.explanations is None
             if named_without_header:
                 expected = self._outputs(path, fmt, None)
-                taken = self._taken(path, expected)
-                if taken is not None:
-                    yield taken
-                    continue
-                if self._done(expected):
-                    yield InputResult(str(path), "skipped-existing", [str(output) for output in expected])
+                skipped = self._skip(path, expected)
+                if skipped is not None:
+                    yield skipped
                     continue
             try:
                 source = InputFile.read(path, fmt)
@@ -249,12 +255,9 @@ class ClinicalInference:
                 continue
             if not named_without_header:
                 expected = self._outputs(path, fmt, source.num_frames)
-                taken = self._taken(path, expected)
-                if taken is not None:
-                    yield taken
-                    continue
-                if self._done(expected):
-                    yield InputResult(str(path), "skipped-existing", [str(output) for output in expected])
+                skipped = self._skip(path, expected)
+                if skipped is not None:
+                    yield skipped
                     continue
             job = _FileJob(path, fmt, expected, source.num_frames, source.dicom)
             yield job

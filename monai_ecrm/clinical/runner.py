@@ -9,7 +9,6 @@ job's report (one column each). :class:`TorchRunner` runs a PyTorch module (a ne
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -188,11 +187,9 @@ def load_model_and_record(
 
 def model_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a model file (hex), which tells two models apart whatever their file names."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from monai_ecrm.record import file_sha256
+
+    return file_sha256(path)
 
 
 def trained_on(record: Mapping[str, Any] | None) -> str:

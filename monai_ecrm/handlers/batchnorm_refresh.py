@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader
 
 from monai_ecrm.handlers.aux_supervision import unwrap_network
 from monai_ecrm.handlers.memory_bank import resolve_event
@@ -21,19 +20,6 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
 __all__ = ["BatchNormRefreshHandler", "refresh_batchnorm"]
-
-
-def _images(source: Iterable, image_key: str) -> Iterable[torch.Tensor]:
-    batched = isinstance(source, DataLoader)
-    for item in source:
-        if isinstance(item, Mapping):
-            image = item[image_key]
-        elif isinstance(item, (list, tuple)):
-            image = item[0]
-        else:
-            image = item
-        image = torch.as_tensor(image)
-        yield image if batched else image.unsqueeze(0)
 
 
 def refresh_batchnorm(
@@ -83,7 +69,7 @@ def refresh_batchnorm(
         norm: (norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone()) for norm in norms
     }
     images = 0
-    from monai_ecrm.handlers.memory_refresh import untouched_random_state
+    from monai_ecrm.handlers.memory_refresh import _batches, untouched_random_state
 
     try:
         network.eval()
@@ -92,7 +78,7 @@ def refresh_batchnorm(
             norm.momentum = None  # cumulative average over the batches below
             norm.train()
         with torch.no_grad(), untouched_random_state():
-            for index, image in enumerate(_images(loader_or_dataset, image_key)):
+            for index, (image, _, _) in enumerate(_batches(loader_or_dataset, image_key)):
                 if max_batches is not None and index >= max_batches:
                     break
                 network(image.to(device))

@@ -5,13 +5,11 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
@@ -237,14 +235,15 @@ def _refresh(
 
 @contextmanager
 def untouched_random_state() -> Iterator[None]:
-    """Run a block without changing torch's, numpy's and Python's global random state."""
-    torch_state, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    """Run a block without changing torch's, numpy's and Python's global random state (``RandomState``)."""
+    from monai_ecrm.handlers.resume import RandomState
+
+    state = RandomState()
+    saved = state.state_dict()
     try:
         yield
     finally:
-        torch.set_rng_state(torch_state)
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
+        state.load_state_dict(saved)
 
 
 def _distributed_mode(source: Iterable, distributed: str) -> str:
