@@ -134,6 +134,7 @@ class BatchNormRefreshHandler:
         self.logger = logging.getLogger(name)
 
     def attach(self, engine: Engine) -> None:
+        """Register the refresh at ``event``."""
         if self._name is None:
             self.logger = engine.logger
         engine.add_event_handler(self.event, self)

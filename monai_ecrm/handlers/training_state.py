@@ -86,15 +86,18 @@ class CosineScheduleHandler:
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
+        """Set the rate before every iteration (and log it per epoch when ``print_lr``)."""
         self.logger = engine.logger
         engine.add_event_handler(Events.ITERATION_STARTED, self)
         if self.print_lr:
             engine.add_event_handler(Events.EPOCH_STARTED, self._log)
 
     def total_steps(self, engine: Engine) -> int:
+        """The run's length as configured now: ``max_epochs * epoch_length``."""
         return int(engine.state.max_epochs) * int(engine.state.epoch_length)
 
     def factor(self, engine: Engine) -> float:
+        """The rate factor of the coming iteration (:func:`cosine_factor` at ``iteration - 1``)."""
         return cosine_factor(engine.state.iteration - 1, self.total_steps(engine), self.warmup_steps, self.end_factor)
 
     def _groups(self, engine: Engine) -> list[dict[str, Any]]:
@@ -137,6 +140,7 @@ class PreserveNetworkState:
         self._saved: dict[str, torch.Tensor] | None = None
 
     def attach(self, engine: Engine) -> None:
+        """Copy the buffers at ``STARTED``, write them back at ``COMPLETED``."""
         engine.add_event_handler(Events.STARTED, self.capture)
         engine.add_event_handler(Events.COMPLETED, self)
 
@@ -147,6 +151,7 @@ class PreserveNetworkState:
         return unwrap_network(network)
 
     def capture(self, engine: Engine | None = None) -> None:
+        """Copy every buffer of the network."""
         self._saved = {name: buffer.detach().clone() for name, buffer in self._network(engine).named_buffers()}
 
     def __call__(self, engine: Engine | None = None) -> None:
@@ -198,6 +203,7 @@ class PruneCheckpoints:
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
+        """Prune after every epoch and at the end (attach after the ``CheckpointSaver``)."""
         self.logger = engine.logger
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
         engine.add_event_handler(Events.COMPLETED, self)
