@@ -134,6 +134,8 @@ def run_one(model: str, seed: int, args: argparse.Namespace, datalist: Path) -> 
     if result_path.is_file():
         result = json.loads(result_path.read_text())
         if result.get("bundle_config") == config:
+            if _add_diagnostics(result, run_dir, model, args, datalist):
+                result_path.write_text(json.dumps(result, indent=1))
             print(f"[bundle-study] {name}: finished run reused", flush=True)
             return result
     bundle = run_dir / "polyp_ecrm"
@@ -207,9 +209,57 @@ def run_one(model: str, seed: int, args: argparse.Namespace, datalist: Path) -> 
         "val_loss": [],
         "per_image": {},
     }
+    _add_diagnostics(result, run_dir, model, args, datalist)
     result_path.write_text(json.dumps(result, indent=1))
     print(f"[bundle-study] {name}: done, " + ", ".join(f"{k} {v['dice']:.3f}" for k, v in summary.items()), flush=True)
     return result
+
+
+def validation_curve(log: Path, epoch_length: int) -> list[list[float]]:
+    """``[step, val_mean_dice]`` at the end of every epoch, read from the training log (the evaluator's
+    ``Epoch[N] Metrics -- val_mean_dice: X`` lines; a resumed run's repeated epochs keep their last value)."""
+    import re
+
+    values: dict[int, float] = {}
+    if log.is_file():
+        for match in re.finditer(r"Epoch\[(\d+)\] Metrics -- val_mean_dice: ([0-9.]+)", log.read_text()):
+            values[int(match.group(1))] = float(match.group(2))
+    return [[epoch * epoch_length, value] for epoch, value in sorted(values.items())]
+
+
+def _add_diagnostics(
+    result: dict[str, Any], run_dir: Path, model: str, args: argparse.Namespace, datalist: Path
+) -> bool:
+    """Adds what a finished run lacks: the validation mDice per epoch with its plateau (all models) and, for ECRM,
+    whether the network uses its memory (``polyp_accuracy.memory_use`` on the validation split at the training size:
+    mean Dice with the memory and with it emptied, float32). True when something was added."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import polyp_accuracy
+
+    added = False
+    if "val_dice" not in result:
+        steps = result.get("steps") or 0
+        epoch_length = steps // max(args.epochs, 1) if steps else 0
+        curve = validation_curve(run_dir / "run.log", epoch_length)
+        # a falling loss and a rising Dice both plateau at 0 relative change; the sign says which way it moved
+        result["val_dice"] = curve
+        result["val_dice_plateau"] = polyp_accuracy.plateau(curve)
+        added = True
+    if model == "ecrm" and "memory_use" not in result:
+        import torch
+
+        from monai_ecrm.networks.nets import ECRMUNet
+        from monai_ecrm.transforms import normalization_for_backbone
+
+        torch.set_num_threads(args.threads)
+        net = ECRMUNet.from_checkpoint(run_dir / "polyp_ecrm" / "models" / "model.pt")
+        items = json.loads(datalist.read_text())["validation"]
+        options = argparse.Namespace(
+            size=args.size, normalization=normalization_for_backbone(RECIPE["backbone"]), device="cpu"
+        )
+        result["memory_use"] = polyp_accuracy.memory_use(net, {"val": items}, {}, options)
+        added = True
+    return added
 
 
 def _trainer_state(path: Path) -> dict[str, Any]:

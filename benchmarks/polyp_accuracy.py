@@ -787,6 +787,10 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "val_loss_relative_change": _mean_sd(
                     [(run.get("val_loss_plateau") or {}).get("relative_change") for run in runs]
                 ),
+                "val_dice": _mean_curve([run.get("val_dice", []) for run in runs]),
+                "val_dice_relative_change": _mean_sd(
+                    [(run.get("val_dice_plateau") or {}).get("relative_change") for run in runs]
+                ),
             }
         )
     order = {name: index for index, name in enumerate(MODELS)}
@@ -928,6 +932,30 @@ def markdown(entries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, 
             at = dict((step, loss) for step, loss in entry["val_loss"])
             cells = [f"{at[step]:.3f}" if step in at else "n/a" for step in shown]
             change = entry["val_loss_relative_change"]
+            change_text = "n/a" if change["mean"] is None else f"{100 * change['mean']:+.1f} %"
+            if change["sd"] is not None:
+                change_text += f" ± {100 * change['sd']:.1f}"
+            lines.append("| " + " | ".join([entry["model"], entry["init"], *cells, change_text]) + " |")
+    dice_curves = [entry for entry in entries if entry.get("val_dice")]
+    if dice_curves:
+        steps = sorted({step for entry in dice_curves for step, _ in entry["val_dice"]})
+        shown = steps if len(steps) <= 10 else [steps[round(i * (len(steps) - 1) / 9)] for i in range(10)]
+        lines += [
+            "",
+            "## Validation mean Dice (plateau check)",
+            "",
+            "The bundle's `val_mean_dice` (`PolypOverlap`, validation split at the training size, eval mode, after "
+            "the BatchNorm and memory refreshes) at the end of each epoch, mean over seeds. Last column: relative "
+            "change over the last quarter of the steps (mean ± SD over seeds); near 0 means the run had stopped "
+            "improving.",
+            "",
+            "| Model | Init | " + " | ".join(f"step {step}" for step in shown) + " | Change, last quarter |",
+            "|---|---|" + "---:|" * (len(shown) + 1),
+        ]
+        for entry in dice_curves:
+            at = dict((step, value) for step, value in entry["val_dice"])
+            cells = [f"{at[step]:.3f}" if step in at else "n/a" for step in shown]
+            change = entry["val_dice_relative_change"]
             change_text = "n/a" if change["mean"] is None else f"{100 * change['mean']:+.1f} %"
             if change["sd"] is not None:
                 change_text += f" ± {100 * change['sd']:.1f}"
