@@ -8,10 +8,12 @@
    filled the memory, and on CVC-ClinicDB's, which did not: a memory that distinguishes cases should spread the
    attention of pictures from elsewhere more.
 
-The weights: an accuracy-protocol run folder (``final_model.pt`` + ``result.json``, via ``monai_ecrm.record``).
+The weights: an accuracy-protocol run folder (``--run``: ``final_model.pt`` + ``result.json``) or a model file with its
+record (``--model``: a bundle's ``models/model.pt`` beside ``model.json``), read with ``monai_ecrm.record``.
 Pictures are preprocessed as at evaluation (the run's size, its normalisation). Prints JSON.
 
     python benchmarks/provenance_evidence.py --run /work/runs/screen128/ecrm-pretrained-seed0
+    python benchmarks/provenance_evidence.py --model ../runs/bundle256/ecrm-seed0/polyp_ecrm/models/model.pt
 """
 
 from __future__ import annotations
@@ -48,13 +50,16 @@ def _entropy(shares: torch.Tensor, filled: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="an accuracy-protocol run folder (its final_model.pt)")
+    source.add_argument("--model", type=Path, help="a model file with its record, e.g. a bundle's models/model.pt")
     parser.add_argument("--data", type=Path, default=pa.DEFAULT_DATA)
     parser.add_argument("--cases", type=int, default=0, help="memory cases (default: the model's bank size)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    net, record = load_network(args.run / "final_model.pt")
+    model_path = args.model or args.run / "final_model.pt"
+    net, record = load_network(model_path)
     net.eval()
     size = record["preprocessing"]["spatial_size"][0]
     normalization = record["preprocessing"]["normalization"]
@@ -80,7 +85,7 @@ def main() -> None:
     ]
     # permutation
     order = torch.randperm(bank, generator=torch.Generator().manual_seed(0))
-    permuted = load_network(args.run / "final_model.pt")[0].eval()
+    permuted = load_network(model_path)[0].eval()
     permuted.load_state_dict(net.state_dict())
     with torch.no_grad():
         permuted.ecrm.memory.memory.copy_(net.ecrm.memory.memory[order])
@@ -93,7 +98,7 @@ def main() -> None:
     chance = 1.0 / filled
     rate = float(np.mean(top1)) if top1 else float("nan")
     report = {
-        "run": str(args.run),
+        "model_file": str(model_path),
         "model": record["network"]["kwargs"],
         "spatial_size": size,
         "memory_cases": filled,
