@@ -9,6 +9,7 @@ one side; without ``"case"`` keys the split is per file.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "inference_datalist",
     "write_pranet_datalist",
     "attach_handlers",
+    "training_prepare_batch",
     "check_bundle_root",
     "check_model",
     "log_metrics",
@@ -291,6 +293,35 @@ def attach_handlers(engine: Any, *handlers: Any) -> Any:
         if handler is not None:
             handler.attach(engine)
     return engine
+
+
+def training_prepare_batch(
+    network: Any, labels: bool = False, label_key: str = "label", source_key: str = "case_index"
+) -> Any:
+    """The trainer's ``prepare_batch``: MONAI's ``PrepareBatchExtraInput`` passing each batch's ``source_key`` (the
+    training items' positions, :func:`monai_ecrm.data.with_case_index`, collated to a ``[B]`` tensor) as ``sources=``
+    to a network whose ``forward`` takes it (``ECRMUNet``: the memory records which case wrote each slot), and the
+    label as ``labels=`` when ``labels`` (ECRM writing its memory from the ground truth); MONAI's
+    ``default_prepare_batch`` when neither applies (a network without memory, such as ``FlexibleUNet``).
+
+    Args:
+        network: the training network (DDP/compile wrappers are unwrapped).
+        labels: pass ``labels=`` (``prototypes="label"``).
+        label_key: batch key of the label.
+        source_key: batch key of the case indices.
+    """
+    from monai.engines import PrepareBatchExtraInput, default_prepare_batch
+
+    from monai_ecrm.handlers.aux_supervision import unwrap_network
+
+    try:
+        takes_sources = "sources" in inspect.signature(unwrap_network(network).forward).parameters
+    except (TypeError, ValueError):
+        takes_sources = False
+    extra = {"labels": label_key} if labels else {}
+    if takes_sources:
+        extra["sources"] = source_key
+    return PrepareBatchExtraInput(extra) if extra else default_prepare_batch
 
 
 def write_pranet_datalist(

@@ -12,6 +12,7 @@ from monai_ecrm.data.datalist import (
     split_by_case,
     split_datalist,
     validate_datalist,
+    with_case_index,
 )
 from monai_ecrm.data.demo import make_demo_dataset
 from monai_ecrm.data.errors import DataError
@@ -50,4 +51,5 @@ __all__ = [
     "split_by_case",
     "split_datalist",
     "validate_datalist",
+    "with_case_index",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "split_by_case",
     "split_datalist",
     "validate_datalist",
+    "with_case_index",
 ]
 
 logger = logging.getLogger(__name__)
@@ -407,6 +408,18 @@ def item_case(item: dict[str, Any], case_key: str = "case", image_key: str = "im
     if case_key in item:
         return f"case:{item[case_key]}"
     return f"file:{item[image_key]}"
+
+
+def with_case_index(datalist: Sequence[dict[str, Any]], key: str = "case_index") -> list[dict[str, Any]]:
+    """Copies of the items, each with its position in ``datalist`` under ``key`` (``0, 1, ...``).
+
+    The bundle's training list goes through this: the index survives MONAI's collation as a ``[B]`` tensor and reaches
+    the network as ``sources=`` (``PrepareBatchExtraInput``), so every memory slot the training batches write records
+    its case (``MemoryBank.sources``), an index into the names of the same list in the same order
+    (:class:`~monai_ecrm.handlers.case_names.CaseNamesHandler`). A ``DistributedSampler`` shards the indexed list, so
+    the indices are global. An index already in an item is replaced: it is a position, not an identity.
+    """
+    return [{**item, key: index} for index, item in enumerate(datalist)]
 
 
 def split_by_case(

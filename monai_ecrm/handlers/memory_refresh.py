@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from monai_ecrm.handlers.aux_supervision import find_module, unwrap_network, without_memory
 from monai_ecrm.handlers.memory_bank import find_memory_bank, memory_stats, resolve_event
+from monai_ecrm.networks.blocks.memory_bank import _check_names
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -133,13 +134,25 @@ def refresh_memory(
         reset: empty the memory first (default); ``False`` appends to what is there.
         distributed: ``"auto"``, ``"replicated"`` or ``"sharded"`` (see above); ignored without several ranks.
         label_key: key of the label in dict items (read only for label prototypes).
+        source_names: the names the slots' sources index (see below).
 
     Provenance: every slot records which case wrote it (``MemoryBank.sources``): the item's ``case_index`` when dict
     items carry one, else its position in ``loader_or_dataset`` (0, 1, ... in the order yielded), so that
     ``sources`` indexes the refresh set (under ``"sharded"`` each rank counts its own shard). The names of the
-    cases (``MemoryBank.source_names``) are ``source_names`` when given, else the refresh set's image paths relative
-    to their common folder when its items are dicts of file paths (a MONAI ``Dataset``'s ``data``, a list), as
-    :func:`refresh_set_names` reads them; under ``"sharded"`` only when given.
+    cases (``MemoryBank.source_names``) are, with ``reset``:
+
+    - ``source_names`` when given;
+    - else, when every item of the refresh set carries a ``case_index`` (read from the items before any transform:
+      a MONAI ``Dataset``'s ``data``, a list), the names table the memory already holds: ``case_index`` is an index
+      into that table. The bundle's refresh sets are slices of its training list, whose items carry their position
+      in that list (:func:`monai_ecrm.data.with_case_index`), and training sets the table to that list's names
+      (:class:`~monai_ecrm.handlers.case_names.CaseNamesHandler`): the refresh writes in the same index space as the
+      training batches and keeps the same table, in every mode;
+    - else the refresh set's image paths relative to their common folder when its items are dicts of file paths, as
+      :func:`refresh_set_names` reads them (not under ``"sharded"``).
+
+    A names table that does not cover every recorded source is refused (``ValueError``): the saved model would not
+    load.
 
     Returns:
         The number of prototypes written (one per image, over all ranks when sharded; refused ones not counted); the
@@ -160,7 +173,9 @@ def refresh_memory(
     rejected_before = int(bank.rejected)
     images = 0
     names = list(source_names) if source_names is not None else None
-    if names is None and mode != "sharded":
+    if names is None and reset and _carries_case_index(loader_or_dataset):
+        names = list(bank.source_names)  # the table the items' case_index values index, kept through the reset
+    elif names is None and mode != "sharded":
         names = refresh_set_names(loader_or_dataset, image_key)
     with untouched_random_state():
         images = _refresh(network, ecrm, bank, loader_or_dataset, device, image_key, reset, mode, label_key)
@@ -172,6 +187,9 @@ def refresh_memory(
         for buffer in bank.buffers():
             torch.distributed.broadcast(buffer, src=0)
         torch.distributed.broadcast(written, src=0)
+    # after the broadcast, so that every rank raises alike: a table that does not cover the slots would make the
+    # saved model refuse to load
+    _check_names(bank.sources, bank.source_names, "refresh_memory")
     return int(written.item())
 
 
@@ -181,20 +199,11 @@ def refresh_set_names(source: Iterable, image_key: str = "image") -> list[str] |
     ``Dataset`` (its ``data``, behind a ``DataLoader`` and ``Subset`` too) or a list; a multi-frame item gets its
     frame (``video.dcm#12``). ``None`` when the items carry no path (tensors), or when a shuffling or distributed
     sampler makes the order unknown."""
-    items: Any = source
-    indices: list[int] | None = None
-    if isinstance(source, DataLoader):
-        sampler = source.sampler
-        if not isinstance(sampler, torch.utils.data.SequentialSampler):
-            return None
-        items = source.dataset
-    while isinstance(items, torch.utils.data.Subset):
-        indices = [int(items.indices[i]) for i in indices] if indices is not None else [int(i) for i in items.indices]
-        items = items.dataset
-    data = getattr(items, "data", items)
-    if not isinstance(data, (list, tuple)) or not data:
+    if isinstance(source, DataLoader) and not isinstance(source.sampler, torch.utils.data.SequentialSampler):
         return None
-    chosen = [data[i] for i in indices] if indices is not None else list(data)
+    chosen = _dataset_items(source)
+    if not chosen:
+        return None
     paths = []
     for item in chosen:
         path = item.get(image_key) if isinstance(item, Mapping) else None
@@ -208,6 +217,28 @@ def refresh_set_names(source: Iterable, image_key: str = "image") -> list[str] |
         name = path.relative_to(root).as_posix()
         names.append(f"{name}#{int(frame)}" if frame is not None else name)
     return names
+
+
+def _dataset_items(source: Iterable) -> list[Any] | None:
+    """The items of a refresh set before any transform, in dataset order (a ``DataLoader``'s dataset, through
+    ``Subset`` wrappers, a MONAI ``Dataset``'s ``data``, or a list); ``None`` when they cannot be read without
+    iterating."""
+    items: Any = source.dataset if isinstance(source, DataLoader) else source
+    indices: list[int] | None = None
+    while isinstance(items, torch.utils.data.Subset):
+        indices = [int(items.indices[i]) for i in indices] if indices is not None else [int(i) for i in items.indices]
+        items = items.dataset
+    data = getattr(items, "data", items)
+    if not isinstance(data, (list, tuple)):
+        return None
+    return [data[i] for i in indices] if indices is not None else list(data)
+
+
+def _carries_case_index(source: Iterable, source_key: str = "case_index") -> bool:
+    """Whether every item of a refresh set carries its own case index (``source_key``), read from the items as
+    :func:`_dataset_items` finds them, so that every rank decides alike without iterating."""
+    items = _dataset_items(source)
+    return bool(items) and all(isinstance(item, Mapping) and source_key in item for item in items)
 
 
 def _refresh(

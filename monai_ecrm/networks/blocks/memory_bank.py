@@ -107,6 +107,24 @@ class MemoryBank(nn.Module):
         self._store_names(names)
 
     @torch.jit.unused
+    def remap_sources(self, names: list[str]) -> int:
+        """Make ``names`` the names table, each slot keeping its case: a recorded source is re-indexed to the
+        position of its name in ``names`` (the first, if listed twice). A source without a name, or whose name is not
+        in ``names``, becomes unknown (-1): a slot may lose its name, never get another case's. Returns the number
+        of slots that had a source and lost it."""
+        names = [str(name) for name in names]
+        position: dict[str, int] = {}
+        for index, name in enumerate(names):
+            position.setdefault(name, index)
+        old = self.source_names
+        remapped = [position.get(old[index], -1) if 0 <= index < len(old) else -1 for index in self.sources.tolist()]
+        lost = sum(1 for before, after in zip(self.sources.tolist(), remapped) if before >= 0 and after < 0)
+        with torch.no_grad():  # in place: wrappers (DDP) hold the buffer itself
+            self.sources.copy_(torch.tensor(remapped, dtype=torch.long))
+        self._store_names(names)
+        return lost
+
+    @torch.jit.unused
     def _store_names(self, names: list[str]) -> None:
         if any("\n" in name for name in names):
             raise ValueError("MemoryBank: case names cannot contain a line break.")
