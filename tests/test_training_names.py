@@ -151,17 +151,8 @@ def test_a_resumed_run_keeps_the_table_and_the_slots_cases(trained, tmp_path):
 def test_a_bundle_network_without_memory_still_trains(tmp_path):
     root = tmp_path / "polyp_ecrm"
     shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("models", "eval", "demo_data", "logs", "predictions"))
-    # the model record describes ECRMUNet networks only: off for FlexibleUNet
-    bundle_run(
-        root,
-        ["train.json"],
-        "--max_epochs",
-        "1",
-        *TINY,
-        "--network_def",
-        FLEXIBLE_UNET,
-        "--train#handlers#9#_disabled_",
-        "True",
-    )
+    # the whole train.json (handlers included: the model record describes ECRMUNet networks only and says so)
+    bundle_run(root, ["train.json"], "--max_epochs", "1", *TINY, "--network_def", FLEXIBLE_UNET)
     state = torch.load(root / "models" / "checkpoint_final.pt", weights_only=True)["network"]
     assert not any("memory" in key for key in state)
+    assert not (root / "models" / "model.json").exists(), "no ECRMUNet record for a FlexibleUNet"

@@ -72,7 +72,8 @@ class ModelRecordHandler:
     Events used: ``STARTED`` (the record is written before the first iteration, so an interrupted run has one; the
     training entry says ``"completed": false``) and ``COMPLETED`` (the record is rewritten with the epochs and steps
     run and ``"completed": true``). Writes are atomic; under ``torch.distributed`` only rank 0 writes. Written to
-    ``engine.state``: ``model_record``, the record last written.
+    ``engine.state``: ``model_record``, the record last written. A network that is not an ``ECRMUNet`` (MONAI's
+    ``FlexibleUNet`` as ``network_def``, the accuracy study's baseline) gets no record: one log line says so.
 
     Args:
         path: the folder of the weights (the bundle's ``@ckpt_dir``; ``model.json`` in it) or the record's file.
@@ -118,6 +119,7 @@ class ModelRecordHandler:
         self.logger = logging.getLogger(name)
         self._kwargs: dict[str, Any] | None = None
         self._training: dict[str, Any] = {}
+        self._skipped = False
 
     def attach(self, engine: Engine) -> None:
         """Register :meth:`started` at ``STARTED`` and :meth:`completed` at ``COMPLETED``.
@@ -129,6 +131,22 @@ class ModelRecordHandler:
             self.logger = engine.logger
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def _describes(self, engine: Engine) -> bool:
+        """Whether the trained network is one a record describes (an ``ECRMUNet``); says once when it is not."""
+        from monai_ecrm.handlers.aux_supervision import unwrap_network
+        from monai_ecrm.networks.nets import ECRMUNet
+
+        plain = unwrap_network(engine.network)
+        if isinstance(plain, ECRMUNet):
+            return True
+        if not self._skipped:
+            self.logger.info(
+                f"ModelRecordHandler: the network is a {type(plain).__name__}, not an ECRMUNet: no model record "
+                "written (the record describes ECRMUNet models)."
+            )
+            self._skipped = True
+        return False
 
     def _network_kwargs(self, engine: Engine) -> dict[str, Any]:
         try:
@@ -175,6 +193,8 @@ class ModelRecordHandler:
         Args:
             engine: the trainer.
         """
+        if not self._describes(engine):
+            return
         self._kwargs = self._network_kwargs(engine)
         loader = getattr(engine, "data_loader", None)
         self._training = {
@@ -197,6 +217,8 @@ class ModelRecordHandler:
         Args:
             engine: the trainer.
         """
+        if not self._describes(engine):
+            return
         if self._kwargs is None:
             self._kwargs = self._network_kwargs(engine)
         self._training.update(
