@@ -9,6 +9,8 @@ Runtime float32 and ONNX Runtime INT8. Prints JSON: mean Dice per set and engine
 and the agreement of the INT8 masks with the float32 ones.
 
     python benchmarks/onnx_accuracy.py --run /work/runs/screen128/ecrm-pretrained-seed0 --out-dir /tmp/onnx_acc
+    python benchmarks/onnx_accuracy.py --model ../runs/bundle256/ecrm-seed0/polyp_ecrm/models/model.pt \
+        --out-dir /tmp/onnx_acc256
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def _dice(pred: torch.Tensor, gt: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="an accuracy-protocol run folder (final_model.pt)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="an accuracy-protocol run folder (final_model.pt)")
+    source.add_argument("--model", type=Path, help="a model file with its record, e.g. a bundle's models/model.pt")
     parser.add_argument("--data", type=Path, default=pa.DEFAULT_DATA)
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--num-images", type=int, default=64)
@@ -45,7 +49,8 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, default=0, help="first N images of each test set (0: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    net, record = load_network(args.run / "final_model.pt")
+    model_path = args.model or args.run / "final_model.pt"
+    net, record = load_network(model_path)
     net.eval()
     size = record["preprocessing"]["spatial_size"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +101,7 @@ def main() -> None:
             "int8_vs_fp32_mask_dice_mean": float(np.mean(agreement)) if agreement else None,
         }
     report = {
-        "run": str(args.run),
+        "model_file": str(model_path),
         "spatial_size": size,
         "calibration": monai_onnx.read_metadata(int8_path).get("calibration"),
         "results": results,
