@@ -41,6 +41,7 @@ __all__ = [
     "attach_handlers",
     "training_prepare_batch",
     "check_bundle_root",
+    "check_explain",
     "check_model",
     "log_metrics",
     "require_model",
@@ -280,6 +281,22 @@ def check_model(
         )
     except ValueError as error:
         sys.exit(f"error: {error}")
+
+
+def check_explain(explain: int, onnx_path: str | os.PathLike | None = None, use_ecrm: bool = True) -> int:
+    """The bundle's ``explain`` K checked against what can give memory shares: an ONNX model (``onnx_path``) gives
+    none, nor a network without ECRM (``use_ecrm`` false); either exits with one line instead of running without the
+    explanations asked for. Returns ``explain``."""
+    if explain is None or int(explain) < 0:
+        sys.exit(f"error: explain {explain}: give the number of memory cases to name per image (0: none)")
+    if int(explain) and onnx_path is not None:
+        sys.exit(
+            f"error: --explain {explain} needs the PyTorch network's memory attention, which an ONNX model "
+            f"(--onnx_path {onnx_path}) does not give: leave out --onnx_path to run models/model.pt"
+        )
+    if int(explain) and not use_ecrm:
+        sys.exit(f"error: --explain {explain} needs the network's ECRM memory: this network has none (use_ecrm false)")
+    return int(explain)
 
 
 def attach_handlers(engine: Any, *handlers: Any) -> Any:

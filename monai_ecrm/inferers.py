@@ -1,4 +1,5 @@
-"""An inferer that runs the network under CPU (or CUDA) autocast, for MONAI engines."""
+"""Inferers for MONAI engines: the network under CPU (or CUDA) autocast, and the same with the ECRM memory's shares of
+the forward kept for a handler (memory provenance)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any, Callable
 import torch
 from monai.inferers import Inferer
 
-__all__ = ["AutocastInferer"]
+__all__ = ["AutocastInferer", "ExplainingInferer"]
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -47,3 +48,54 @@ class AutocastInferer(Inferer):
         if isinstance(output, torch.Tensor) and output.is_floating_point():
             return output.float()
         return output
+
+
+class ExplainingInferer(AutocastInferer):
+    """:class:`AutocastInferer` that, when ``explain`` is on, runs the network's
+    :meth:`~monai_ecrm.networks.nets.ECRMUNet.forward_with_shares` instead of its forward: the same logits (up to
+    floating-point rounding) and, from the same forward, each memory slot's share of ECRM's attention over the
+    predicted polyp, kept in :attr:`shares` (``[B, bank_size]``, float32, CPU) until the next batch. It returns the
+    logits alone, so the evaluator's post-processing, metrics and writers see what they see with
+    :class:`AutocastInferer`.
+
+    Why the shares are kept here, for :class:`~monai_ecrm.handlers.MemoryExplanationHandler` to read at
+    ``ITERATION_COMPLETED``, rather than returned or carried in the prediction's metadata: MONAI's
+    ``SupervisedEvaluator`` stores what an inferer returns as ``pred`` and post-processes it as one tensor (a tuple
+    would break ``Activationsd``), and the post-processing rebuilds ``pred``'s metadata from the image's inverted
+    transforms (``Invertd``), so a meta entry would not reach the handlers. ``ITERATION_COMPLETED`` fires after the
+    post-processing of the same batch, whose decollated items keep the batch order: item ``i`` is row ``i``.
+
+    A network that cannot give shares (no ``forward_with_shares``: an ONNX or TorchScript model; or
+    ``use_ecrm=False``) runs its plain forward and :attr:`shares` is ``None``; the handler says why. With ``explain``
+    off this is an :class:`AutocastInferer`.
+
+    Args:
+        explain: keep the memory's shares (the bundle's ``explain`` K > 0).
+        dtype: see :class:`AutocastInferer`.
+        enabled: autocast switch, see :class:`AutocastInferer` (the bundle's ``bf16``).
+    """
+
+    def __init__(self, explain: bool = True, dtype: str | torch.dtype | None = "bf16", enabled: bool = True) -> None:
+        super().__init__(dtype, enabled)
+        self.explain = bool(explain)
+        self.shares: torch.Tensor | None = None
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.shares = None
+        forward_with_shares = _forward_with_shares(network) if self.explain else None
+        if forward_with_shares is None:
+            return super().__call__(inputs, network, *args, **kwargs)
+        logits, shares = super().__call__(inputs, forward_with_shares, *args, **kwargs)
+        self.shares = shares.detach().float().cpu()
+        return logits.float()  # as AutocastInferer's output: bfloat16 logits of autocast come back as float32
+
+
+def _forward_with_shares(network: Any) -> Callable[..., Any] | None:
+    """The network's ``forward_with_shares`` (through a ``DistributedDataParallel`` wrapper), ``None`` when it cannot
+    give shares."""
+    if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        network = network.module
+    method = getattr(network, "forward_with_shares", None)
+    if not callable(method) or not getattr(network, "use_ecrm", False):
+        return None
+    return method

@@ -50,6 +50,7 @@ __all__ = [
     "MemoryCase",
     "compose_explanation",
     "explain_problem",
+    "explanation_from_shares",
     "memory_case_names",
 ]
 
@@ -158,6 +159,21 @@ def explain_problem(network: Any, record: Mapping[str, Any] | None = None) -> st
     return None
 
 
+def explanation_from_shares(shares: torch.Tensor, names: Sequence[str | None], top_k: int) -> Explanation:
+    """The ``top_k`` memory cases of one image with the largest shares (all filled slots when there are fewer).
+
+    Args:
+        shares: one image's shares ``[bank_size]`` (a row of
+            :meth:`~monai_ecrm.networks.nets.ECRMUNet.forward_with_shares`'s second output).
+        names: the case of each filled slot (:func:`memory_case_names`): the first ``len(names)`` slots are ranked.
+        top_k: cases to keep.
+    """
+    filled = shares[: len(names)].detach().float().cpu()
+    values, slots = torch.topk(filled, min(top_k, len(names)))
+    cases = (MemoryCase(slot, names[slot], share) for slot, share in zip(slots.tolist(), values.tolist()))
+    return Explanation(tuple(cases))
+
+
 class ExplainingRunner(TorchRunner):
     """A :class:`~monai_ecrm.clinical.runner.TorchRunner` that also says which memory cases each frame drew on, from
     the same forward as its logits (:meth:`~monai_ecrm.networks.nets.ECRMUNet.forward_with_shares`; the logits equal
@@ -200,10 +216,7 @@ class ExplainingRunner(TorchRunner):
             raise ValueError(
                 f"the model gives logits of shape {tuple(logits.shape)}; one channel [B, 1, H, W] expected"
             )
-        filled = shares[0, : len(self.names)].float().cpu()
-        values, slots = torch.topk(filled, self.shown)
-        cases = tuple(MemoryCase(slot, self.names[slot], share) for slot, share in zip(slots.tolist(), values.tolist()))
-        explanation = Explanation(cases)
+        explanation = explanation_from_shares(shares[0], self.names, self.top_k)
         return FrameOutput(logits[0].float(), explanation.columns(), explanation)
 
 

@@ -1,5 +1,5 @@
-"""ignite handlers for MONAI engines: ECRM aux supervision, the memory bank, memory refresh, exact resume, polyp
-metrics and the evaluation report."""
+"""ignite handlers for MONAI engines: ECRM aux supervision, the memory bank, memory refresh, memory provenance, exact
+resume, polyp metrics and the evaluation report."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from .aux_supervision import AuxSupervisionHandler
 from .batchnorm_refresh import BatchNormRefreshHandler, refresh_batchnorm
 from .evaluation_report import EvaluationReport, render_overlay
 from .memory_bank import MemoryBankHandler
+from .memory_explanation import MemoryExplanationHandler, memory_case_pictures
 from .memory_refresh import MemoryRefreshHandler, refresh_memory
 from .model_record import ModelRecordHandler
 from .polyp_metric_handlers import EMeasure, PolypOverlap, SMeasure, WeightedFMeasure
@@ -21,6 +22,7 @@ __all__ = [
     "EMeasure",
     "EvaluationReport",
     "MemoryBankHandler",
+    "MemoryExplanationHandler",
     "MemoryRefreshHandler",
     "ModelRecordHandler",
     "PolypOverlap",
@@ -33,6 +35,7 @@ __all__ = [
     "WeightedFMeasure",
     "cosine_factor",
     "latest_checkpoint",
+    "memory_case_pictures",
     "refresh_batchnorm",
     "refresh_memory",
     "render_overlay",

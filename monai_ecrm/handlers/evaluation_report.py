@@ -1,4 +1,5 @@
-"""Evaluation report of a MONAI evaluator: per-image scores, the per-dataset table, overlays of the worst cases."""
+"""Evaluation report of a MONAI evaluator: per-image scores, the per-dataset table, overlays of the worst cases, and
+optionally all of it on one static page (``report.html``) with the memory cases the worst cases drew on."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from monai.handlers import from_engine
 from monai.utils import IgniteInfo, min_version, optional_import
 from PIL import Image, ImageDraw
 
+from monai_ecrm.clinical.explain import CasePictures
+from monai_ecrm.handlers.report_page import write_report_page
 from monai_ecrm.metrics.evaluation import foreground_counts, summarize, write_tables
 from monai_ecrm.metrics.functional import SUITE_KEYS, _check_normalize, minmax_normalize, polyp_metric_suite
 
@@ -48,7 +51,13 @@ class EvaluationReport:
     - ``overlays/<dataset>/NN_dice<score>_<name>.png``: for the ``worst_k`` lowest Dice of each dataset, the image
       with the ground-truth contour (green) and the predicted contour (magenta, ``pred > threshold``). Ties, the
       usual case among the worst (every image at Dice 0), are broken by the order the images were seen (on several
-      ranks: rank by rank), so ``NN`` is the place in ``per_image.csv`` sorted by Dice with a stable sort.
+      ranks: rank by rank), so ``NN`` is the place in ``per_image.csv`` sorted by Dice with a stable sort;
+    - ``report.html`` (``html=True``, :func:`~monai_ecrm.handlers.report_page.write_report_page`): the summary table
+      and, per dataset, the worst cases with their overlays (relative links: it opens from disk) and, for the images
+      a :class:`~monai_ecrm.handlers.MemoryExplanationHandler` attached before this report explained (their output
+      item's ``explanation_key``), the memory cases each drew on, with their shares and, when ``case_pictures`` finds
+      them, thumbnails written to ``memory_cases/`` beside the page. Without explanations the page says why (the
+      handler's ``engine.state.explain_problem``).
 
     A dataset is named by ``dataset_key``, else ``default_dataset``, else after the folder its image comes from: the
     folder above the images folder (``Kvasir/images/12.png``: ``Kvasir``; see :data:`IMAGE_FOLDER_NAMES`), or the
@@ -80,6 +89,10 @@ class EvaluationReport:
         normalize: ``"minmax"`` stretches each map to span [0, 1] before it is scored and drawn, as ``pysodmetrics``
             and the polyp papers' evaluation do; ``None`` (default) scores it as given, so that the map of a frame
             without a polyp is not stretched into one (see :mod:`monai_ecrm.metrics.functional`).
+        html: also write ``report.html``.
+        explanation_key: key of an item's :class:`~monai_ecrm.clinical.explain.Explanation` in the output item (kept
+            in the item's row as ``"explanation"``, not in the CSV files); ``None`` reads none.
+        case_pictures: the memory cases' pictures for the page's thumbnails; ``None``: names and shares only.
     """
 
     def __init__(
@@ -95,6 +108,9 @@ class EvaluationReport:
         contour_width: int = 2,
         image_layout: str | None = None,
         normalize: str | None = None,
+        html: bool = False,
+        explanation_key: str | None = "explanation",
+        case_pictures: CasePictures | None = None,
     ) -> None:
         image_layout = image_layout or spatial_layout
         for name, layout in (("spatial_layout", spatial_layout), ("image_layout", image_layout)):
@@ -111,6 +127,9 @@ class EvaluationReport:
         self.contour_width = contour_width
         self.image_layout = image_layout
         self.normalize = _check_normalize(normalize)
+        self.html = html
+        self.explanation_key = explanation_key
+        self.case_pictures = case_pictures
         self.rows: list[dict[str, Any]] = []
         self.summary: list[dict[str, Any]] = []
         # per dataset, a heap of (-dice, -position in rows, overlay) of the worst cases kept (see _keep_if_worst)
@@ -166,13 +185,15 @@ class EvaluationReport:
         row.update({name: float(scores[name][0]) for name in SUITE_KEYS})
         row["e_measure_curve"] = scores["e_measure_curve"][0].cpu().numpy()  # for the dataset's max E-phi
         row.update(foreground_counts(pred, label, self.threshold))  # polyp-free frames, counted apart
+        if self.explanation_key and output.get(self.explanation_key) is not None:
+            row["explanation"] = output[self.explanation_key]
         self.rows.append(row)
         if self.worst_k > 0:
             self._keep_if_worst(row, len(self.rows) - 1, pred, label, self._image(output, batch))
         return row
 
     def __call__(self, engine: Engine | None = None) -> None:
-        """Gathers the rows of all ranks and writes the tables and overlays."""
+        """Gathers the rows of all ranks and writes the tables, the overlays and the page."""
         parts = _gather(self.rows)
         rows = [row for part in parts for row in part]
         self.summary = summarize(rows)
@@ -181,6 +202,8 @@ class EvaluationReport:
             write_tables(rows, self.output_dir)
         if self.worst_k > 0:
             self._write_overlays(rows, offset=sum(len(part) for part in parts[:rank]))
+        if rank == 0 and rows and self.html:
+            self._write_page(rows, getattr(getattr(engine, "state", None), "explain_problem", None))
 
     def _dataset(self, output: Mapping[str, Any], batch: Mapping[str, Any], filename: str) -> str:
         for item in (batch, output):
@@ -230,16 +253,9 @@ class EvaluationReport:
     def _write_overlays(self, rows: list[dict[str, Any]], offset: int) -> None:
         """Writes the overlays this rank kept that are among the worst of all ranks' ``rows``, in which this rank's
         rows start at ``offset``."""
-        by_dataset: dict[str, list[int]] = {}
-        for index, row in enumerate(rows):
-            by_dataset.setdefault(row["dataset"], []).append(index)
+        ranked = self._ranked(rows)
         for dataset, kept in self._worst.items():
-            # a stable sort: equal Dice in the order seen, as _keep_if_worst keeps them
-            ranked = sorted(by_dataset.get(dataset, []), key=lambda index: rows[index]["dice"])[: self.worst_k]
-            names = {
-                index: f"{place:02d}_dice{rows[index]['dice']:.3f}_{_safe(Path(rows[index]['filename']).stem)}.png"
-                for place, index in enumerate(ranked, start=1)
-            }
+            names = dict(ranked.get(dataset, []))
             folder = self.output_dir / "overlays" / _safe(dataset)
             folder.mkdir(parents=True, exist_ok=True)
             # overlays of an earlier evaluation that are no longer among the worst; every rank computes the same names
@@ -250,6 +266,43 @@ class EvaluationReport:
                 name = names.get(offset - negative_position)
                 if name is not None:
                     Image.fromarray(overlay).save(folder / name)
+
+    def _ranked(self, rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, str]]]:
+        """Per dataset, its ``worst_k`` worst rows, worst first: ``(index in rows, overlay file name)``."""
+        by_dataset: dict[str, list[int]] = {}
+        for index, row in enumerate(rows):
+            by_dataset.setdefault(row["dataset"], []).append(index)
+        ranked = {}
+        for dataset, indices in by_dataset.items():
+            # a stable sort: equal Dice in the order seen, as _keep_if_worst keeps them
+            worst = sorted(indices, key=lambda index: rows[index]["dice"])[: self.worst_k]
+            ranked[dataset] = [
+                (index, f"{place:02d}_dice{rows[index]['dice']:.3f}_{_safe(Path(rows[index]['filename']).stem)}.png")
+                for place, index in enumerate(worst, start=1)
+            ]
+        return ranked
+
+    def _write_page(self, rows: list[dict[str, Any]], explain_problem: str | None) -> None:
+        """Writes ``report.html`` from all ranks' ``rows`` (after the overlays)."""
+        worst = {}
+        for dataset, ranked in self._ranked(rows).items():
+            cases = []
+            for place, (index, name) in enumerate(ranked, start=1):
+                overlay = f"overlays/{_safe(dataset)}/{name}"
+                row = rows[index]
+                cases.append(
+                    {
+                        "place": place,
+                        "filename": row["filename"],
+                        "dice": row["dice"],
+                        "iou": row["iou"],
+                        "overlay": overlay if (self.output_dir / overlay).is_file() else None,
+                        "explanation": row.get("explanation"),
+                    }
+                )
+            worst[dataset] = cases
+        note = explain_problem or "no MemoryExplanationHandler explained the images (the bundle's explain is 0)"
+        write_report_page(self.output_dir, self.summary, worst, note, self.case_pictures)
 
 
 def render_overlay(
