@@ -218,6 +218,9 @@ def test_evaluation_page_shows_the_tables_the_worst_cases_and_their_memory_cases
     names = set(model.network.ecrm.memory.slot_names()[:4])
     report = evaluate(model.checkpoint, test_sets, tmp_path / "eval", explain=2, worst_k=2)
     page = _page(report)
+    with open(report.parent / "metrics.csv", newline="") as stream:
+        aux = {row[0]: float(row[1]) for row in csv.reader(stream) if row and row[0] == "val_aux_dice"}
+    assert aux and np.isfinite(aux["val_aux_dice"]), "the aux head is still scored when the forward is explained"
 
     summary = next(table for table in page.tables if table["class"] == "summary")
     assert [row[0] for row in summary["rows"][1:]] == ["kvasir", "clinic<db>", "overall"], "a row per dataset"
@@ -243,10 +246,10 @@ def test_evaluation_page_shows_the_tables_the_worst_cases_and_their_memory_cases
 
 
 def test_evaluation_page_without_memory_cases_says_why(model, test_sets, tmp_path):
-    report = evaluate(model.checkpoint, test_sets, tmp_path / "default", worst_k=1)
+    report = evaluate(model.checkpoint, test_sets, tmp_path / "default", worst_k=1, explain=0)
     page = _page(report)
     worst = [table["rows"] for table in page.tables if table["class"] == "worst"]
-    assert len(worst) == 2 and all(rows[0][-1] == "IoU" for rows in worst), "no memory column with explain 0"
+    assert len(worst) == 2 and all(rows[0][-1] == "IoU" for rows in worst), "no memory column with --explain 0"
     assert "No memory cases shown" in "".join(page.text)
     assert not (report / "memory_cases").exists() and not (report / "explain.csv").exists()
 

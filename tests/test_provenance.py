@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from monai_ecrm.handlers import refresh_memory
 from monai_ecrm.networks.blocks import MemoryBank
@@ -103,12 +104,18 @@ def test_memory_attention_shares_sum_to_one_over_filled_slots_from_one_forward()
     net = _filled(_net(background_tokens=True), batches=2)  # 4 of 6 slots
     before = {k: v.clone() for k, v in net.ecrm.memory.state_dict().items()}
     x = torch.randn(3, 3, 70, 90)  # padded to 96 x 96 inside
+    seen = []  # a forward hook on ECRM (AuxSupervisionHandler's kind) sees the explained forward too
+    hook = net.ecrm.register_forward_hook(lambda module, args, output: seen.append(output[1]))
     logits, shares = net.forward_with_shares(x)
+    hook.remove()
+    assert len(seen) == 1, "ECRM ran once, through its module call"
     assert shares.shape == (3, 6) and not shares.requires_grad
     torch.testing.assert_close(shares.sum(dim=1), torch.ones(3))
     assert (shares[:, 4:] == 0).all() and (shares[:, :4] > 0).all()
     with torch.no_grad():
-        torch.testing.assert_close(logits, net(x), atol=1e-5, rtol=1e-4)
+        assert torch.equal(logits, net.eval()(x)), "the explained logits are the normal forward's"
+        level = net.encoder(F.pad(x, [0, 6, 0, 26]))[net.memory_level]
+        torch.testing.assert_close(net.ecrm.slot_weights(net.ecrm.embed(level)), net.ecrm.forward_explained(level)[1])
     for key, value in net.ecrm.memory.state_dict().items():
         assert torch.equal(value, before[key]), f"memory_attention changed {key}"
     torch.testing.assert_close(net.memory_attention(x), shares)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .aux_supervision import AuxSupervisionHandler
 from .batchnorm_refresh import BatchNormRefreshHandler, refresh_batchnorm
+from .case_names import CaseNamesHandler, case_names
 from .evaluation_report import EvaluationReport, render_overlay
 from .memory_bank import MemoryBankHandler
 from .memory_explanation import MemoryExplanationHandler, memory_case_pictures
@@ -18,6 +19,7 @@ from .training_state import CosineScheduleHandler, PreserveNetworkState, PruneCh
 __all__ = [
     "AuxSupervisionHandler",
     "BatchNormRefreshHandler",
+    "CaseNamesHandler",
     "CosineScheduleHandler",
     "EMeasure",
     "EvaluationReport",
@@ -33,6 +35,7 @@ __all__ = [
     "RandomState",
     "SMeasure",
     "WeightedFMeasure",
+    "case_names",
     "cosine_factor",
     "latest_checkpoint",
     "memory_case_pictures",

@@ -371,6 +371,23 @@ class ECRM(nn.Module):
         return self.fuse_norm_act(self.fuse_features(features) + projected), weights
 
     @torch.jit.unused
+    def slot_weights(self, features: torch.Tensor) -> torch.Tensor:
+        """The attention weights per memory slot of embedded features (the output of ``self.embed`` in
+        :meth:`forward`): ``[B, positions, filled slots]``, each position's softmax over the memory tokens summed over
+        a slot's class tokens, as :meth:`forward_explained` gives them. Only the queries and keys are computed (no
+        values, no context): run beside a normal forward, it costs a 1x1 projection and one small product."""
+        queries = self.query(features)
+        batch, positions = queries.shape[0], int(torch.tensor(queries.shape[2:]).prod())
+        filled = int(self.memory.filled)
+        if filled == 0:
+            return queries.new_zeros(batch, positions, 0)
+        tokens = self.memory.filled_memory().reshape(-1, self.feat_channels)
+        keys = self.memory_key(tokens).to(queries.dtype)
+        q = queries.flatten(2).transpose(1, 2)  # [B, P, D]
+        attention = torch.softmax((q @ keys.T).float() / math.sqrt(self.key_channels), dim=-1)  # [B, P, F * K]
+        return attention.reshape(batch, positions, filled, self.memory_classes).sum(dim=-1)
+
+    @torch.jit.unused
     def slot_shares(self, weights: torch.Tensor, position_weights: torch.Tensor) -> torch.Tensor:
         """``[B, bank_size]`` shares from :meth:`forward_explained`'s ``weights`` ``[B, P, F]`` and per-position
         weights ``[B, 1, *spatial]`` at the memory level: the weighted mean over positions, normalised to sum to 1

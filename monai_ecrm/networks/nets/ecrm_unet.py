@@ -281,8 +281,11 @@ class ECRMUNet(nn.Module):
         """The logits and :meth:`memory_attention`'s shares from ONE forward (eval mode, no memory write, no
         gradient): ``(logits [B, out_channels, *spatial], shares [B, bank_size])``.
 
-        ECRM computes its attention weights explicitly here (the normal forward keeps the fused SDPA kernel and
-        never materialises them); they are kept at the memory level and weighted once the logits exist.
+        ECRM runs its normal forward (the fused SDPA kernel; forward hooks on the ECRM module fire, e.g.
+        ``AuxSupervisionHandler``'s), so the logits are exactly :meth:`forward`'s. The attention weights per slot,
+        which SDPA never materialises, are computed beside it from the embedded features that forward produced
+        (:meth:`ECRM.slot_weights`: queries against the memory keys), kept at the memory level and weighted once the
+        logits exist: no second pass through the encoder, ECRM or the decoder.
         """
         if not self.use_ecrm:
             raise ValueError("ECRMUNet.forward_with_shares: this network has no ECRM memory (use_ecrm=False).")
@@ -294,7 +297,13 @@ class ECRMUNet(nn.Module):
                 padded_x, _, padded = self._pad(x, None)
                 features = self.encoder(padded_x)
                 level = features[self.memory_level]
-                enhanced, slot_weights = self.ecrm.forward_explained(level)
+                embedded: list[torch.Tensor] = []
+                hook = self.ecrm.embed.register_forward_hook(lambda module, args, output: embedded.append(output))
+                try:
+                    enhanced, _ = self.ecrm(level)
+                finally:
+                    hook.remove()
+                slot_weights = self.ecrm.slot_weights(embedded[-1])
                 logits = self._decode(features, level, enhanced, spatial, padded)
                 weights = torch.sigmoid(logits.float()) if mask is None else mask.float()
                 if weights.shape[1] > 1:
