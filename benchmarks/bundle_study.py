@@ -191,6 +191,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, datalist: Path) -> 
             "bn_refresh": True,
             "protocol": "bundle",
             "metrics_normalize": "minmax",
+            **_protocol_keys(),
             "bank_size": ecrm.get("bank_size", 20),
             "ecrm_channels": _level_channels(ecrm.get("memory_stride")) if model == "ecrm" else 320,
             **({"ecrm_options": ecrm} if ecrm else {}),
@@ -227,6 +228,27 @@ def validation_curve(log: Path, epoch_length: int) -> list[list[float]]:
     return [[epoch * epoch_length, value] for epoch, value in sorted(values.items())]
 
 
+def training_seconds(log: Path) -> float | None:
+    """Seconds the trainer's epochs took (validation included), summed over epochs from the training log (a resumed
+    run's repeated epochs count once, their last time): the whole training even when it ran in several sittings."""
+    import re
+
+    pattern = r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([0-9.]+)"
+    epochs: dict[int, float] = {}
+    if log.is_file():
+        for match in re.finditer(pattern, log.read_text()):
+            hours, minutes, seconds = (float(value) for value in match.groups()[1:])
+            epochs[int(match.group(1))] = 3600 * hours + 60 * minutes + seconds
+    return round(sum(epochs.values()), 1) if epochs else None
+
+
+def _protocol_keys() -> dict[str, Any]:
+    """What the merged tables state about every protocol: the input normalisation and the held-out fraction."""
+    from monai_ecrm.transforms import normalization_for_backbone
+
+    return {"normalization": normalization_for_backbone(RECIPE["backbone"]), "val_fraction": 0.1}
+
+
 def _add_diagnostics(
     result: dict[str, Any], run_dir: Path, model: str, args: argparse.Namespace, datalist: Path
 ) -> bool:
@@ -237,6 +259,15 @@ def _add_diagnostics(
     import polyp_accuracy
 
     added = False
+    for key, value in _protocol_keys().items():
+        if key not in result["config"]:
+            result["config"][key] = value
+            added = True
+    if not result.get("wall_seconds_epochs"):
+        # every epoch of the run (wall_seconds is only the last sitting's)
+        result["wall_seconds_epochs"] = training_seconds(run_dir / "run.log")
+        result["wall_seconds"] = result["wall_seconds_epochs"] or result.get("wall_seconds")
+        added = True
     if "val_dice" not in result:
         steps = result.get("steps") or 0
         epoch_length = steps // max(args.epochs, 1) if steps else 0
