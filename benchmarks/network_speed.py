@@ -5,7 +5,7 @@ forward + BCE-with-logits loss + backward + SGD step) at ``--size`` for
 
 * ``ecrm_unet/resnet34``: ``ECRMUNet(backbone="resnet34", use_icrm=False, bank_size=20)`` with a filled memory
   (random contents, ``filled == bank_size``, as in a trained model);
-* ``no_ecrm/resnet34``: the same network with ``net.ecrm`` replaced by an identity stand-in (the resnet34 deepest
+* ``no_ecrm/resnet34``: ``ECRMUNet(use_ecrm=False)``, the same network with an identity in place of ECRM (the resnet34 deepest
   map already has the 512 channels ECRM outputs): same torchvision-layout encoder, same decoder, so the difference
   is the ECRM block alone. This is the apples-to-apples baseline;
 * ``flexible_unet/resnet34``: MONAI's ``FlexibleUNet(in_channels=3, out_channels=1, backbone="resnet34")``, whose
@@ -48,25 +48,19 @@ ISSUE3_MODELS = ("ecrm_unet/resnet34", "no_ecrm/resnet34", "flexible_unet/resnet
 def _build(model: str, bank_size: int):
     import torch
     from monai.networks.nets import FlexibleUNet
-    from torch import nn
 
     import monai_ecrm  # noqa: F401  (registers efficientnet-lite0 in MONAI's FlexibleUNet registry)
     from monai_ecrm.networks.nets import ECRMUNet
-
-    class _NoECRM(nn.Module):
-        """Identity stand-in for ECRM: ``x -> (x, x[:, :1])`` (features unchanged, a dummy coarse mask)."""
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return x, x[:, :1]
 
     torch.manual_seed(0)
     kind, backbone = model.split("/", 1)
     if kind == "flexible_unet":
         return FlexibleUNet(in_channels=3, out_channels=1, backbone=backbone)
-    net = ECRMUNet(backbone=backbone, use_icrm=False, bank_size=bank_size)
     if kind == "no_ecrm":
-        net.ecrm = _NoECRM()
-    elif kind == "ecrm_unet":
+        # the package's own identity stand-in (ECRMUNet(use_ecrm=False)): same encoder and decoder, no ECRM block
+        return ECRMUNet(backbone=backbone, use_icrm=False, bank_size=bank_size, use_ecrm=False)
+    net = ECRMUNet(backbone=backbone, use_icrm=False, bank_size=bank_size)
+    if kind == "ecrm_unet":
         with torch.no_grad():
             bank = net.ecrm.memory
             bank.memory.copy_(torch.rand_like(bank.memory))
