@@ -6,8 +6,8 @@ forward + BCE-with-logits loss + backward + SGD step) at ``--size`` for
 * ``ecrm_unet/resnet34``: ``ECRMUNet(backbone="resnet34", use_icrm=False, bank_size=20)`` with a filled memory
   (random contents, ``filled == bank_size``, as in a trained model);
 * ``no_ecrm/resnet34``: ``ECRMUNet(use_ecrm=False)``, the same network with an identity in place of ECRM (the
-  resnet34 deepest map already has the 512 channels ECRM outputs): same torchvision-layout encoder, same decoder, so the difference
-  is the ECRM block alone. This is the apples-to-apples baseline;
+  resnet34 deepest map already has the 512 channels ECRM outputs): same torchvision-layout encoder, same decoder,
+  so the difference is the ECRM block alone. This is the apples-to-apples baseline;
 * ``flexible_unet/resnet34``: MONAI's ``FlexibleUNet(in_channels=3, out_channels=1, backbone="resnet34")``, whose
   encoder uses MedicalNet's parameter-free shortcut A (slightly lighter than the torchvision projection shortcuts).
 
