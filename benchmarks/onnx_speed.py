@@ -11,15 +11,18 @@ present, else synthetic pictures. Then frames/s at batch 1 for
 * ``ort_fp32`` and ``ort_int8``: :func:`monai_ecrm.onnx.load_onnx_session` (``ORT_ENABLE_ALL``, ``--threads``
   intra-op threads, one inter-op thread).
 
-``torch.set_num_threads(--threads)`` for PyTorch. The engines of one (backbone, size) are stepped round-robin (one
-timed frame each in turn) so that load from other processes falls on all of them alike; figures are medians after
-``--warmup`` untimed frames. The ratios and the targets of the issue (ORT float32 >= 1.5x eager float32, INT8 >= 3x
+``torch.set_num_threads(--threads)`` for PyTorch. The engines of one (backbone, size) run in blocks, ``--rounds``
+rounds of ``--repeats / --rounds`` timed frames per engine, the order rotating each round, so that load from other
+processes falls on all of them alike; each block starts with one untimed frame, because both runtimes' thread pools
+spin-wait after a run (frame-by-frame alternation made each engine pay for the other's spinning: PyTorch float32
+measured 15-30 % slower beside ONNX Runtime than alone). Figures are medians after ``--warmup`` untimed frames.
+The ratios and the targets of the issue (ORT float32 >= 1.5x eager float32, INT8 >= 3x
 eager float32 and faster than bfloat16, EfficientNet-Lite0 INT8 at 352 px >= 40 frames/s) are in the output.
 
 Usage::
 
     python benchmarks/onnx_speed.py [--backbones resnet34,efficientnet-lite0] [--sizes 256,352]
-        [--engines torch_fp32,torch_bf16,ort_fp32,ort_int8] [--threads 2] [--repeats 20] [--warmup 3]
+        [--engines torch_fp32,torch_bf16,ort_fp32,ort_int8] [--threads 2] [--repeats 20] [--rounds 4] [--warmup 3]
         [--calibration 16] [--data ../shared/data/kvasir_seg] [--weights model.pt --network-kwargs '{...}']
         [--quantize-attention] [--profile DIR] [--keep DIR] [--end-to-end N [--end-to-end-rounds 2]]
 
@@ -167,11 +170,15 @@ def measure(args: argparse.Namespace, backbone: str, size: int, scratch: Path) -
             call(frame)
     times: dict[str, list[float]] = {engine: [] for engine in calls}
     order = list(calls)
-    for repeat in range(args.repeats):
-        for engine in order[repeat % len(order) :] + order[: repeat % len(order)]:
-            start = time.perf_counter()
-            calls[engine](frame)
-            times[engine].append(time.perf_counter() - start)
+    rounds = max(1, min(args.rounds, args.repeats))
+    for round_index in range(rounds):
+        block = args.repeats // rounds + (1 if round_index < args.repeats % rounds else 0)
+        for engine in order[round_index % len(order) :] + order[: round_index % len(order)]:
+            calls[engine](frame)  # untimed: the previous engine's idle threads (spin-waiting) settle first
+            for _ in range(block):
+                start = time.perf_counter()
+                calls[engine](frame)
+                times[engine].append(time.perf_counter() - start)
     row["fps"] = {engine: round(1.0 / statistics.median(values), 2) for engine, values in times.items()}
     row["fps_best"] = {engine: round(1.0 / min(values), 2) for engine, values in times.items()}
     fps = row["fps"]
@@ -273,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="PyTorch threads and ORT intra-op threads (2)")
     parser.add_argument("--repeats", type=int, default=20, help="timed frames per engine (20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed frames per engine first (3)")
+    parser.add_argument("--rounds", type=int, default=4, help="timed blocks per engine, order rotating (4)")
     parser.add_argument("--calibration", type=int, default=16, help="INT8 calibration images (16)")
     parser.add_argument("--data", type=Path, default=DATA, help="Kvasir-SEG folder for the calibration images")
     parser.add_argument("--weights", help="a state dict of ECRMUNet (e.g. the bundle's models/model.pt)")
@@ -312,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": 1,
         "threads": args.threads,
         "repeats": args.repeats,
+        "rounds": args.rounds,
         "load_average_1min": {"start": round(load_at_start, 2), "end": round(os.getloadavg()[0], 2)},
         "weights": args.weights or "random (memory filled with random prototypes)",
         "targets": {**TARGETS, "lite0_int8_352_fps": LITE0_INT8_352_FPS},
