@@ -913,53 +913,25 @@ def markdown(entries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, 
         val = _cell(entry["summary"][VAL]["dice"]) if VAL in entry["summary"] else "n/a"
         row = [entry["model"], entry["init"], str(entry["steps"]), str(entry["train_images"]), rate, wall_text, val]
         lines.append("| " + " | ".join(row) + " |")
-    curves = [entry for entry in entries if entry["val_loss"]]
-    if curves:
-        steps = sorted({step for entry in curves for step, _ in entry["val_loss"]})
-        shown = steps if len(steps) <= 9 else [steps[round(i * (len(steps) - 1) / 8)] for i in range(9)]
-        lines += [
-            "",
-            "## Validation loss (plateau check)",
-            "",
-            "DiceCE of the segmentation output on the validation split at the training size, eval mode, mean over "
-            "seeds, at the steps shown. Last column: relative change of the loss over the last quarter of the "
-            "steps (mean ± SD over seeds); near 0 means the run had stopped improving.",
-            "",
-            "| Model | Init | " + " | ".join(f"step {step}" for step in shown) + " | Change, last quarter |",
-            "|---|---|" + "---:|" * (len(shown) + 1),
-        ]
-        for entry in curves:
-            at = dict((step, loss) for step, loss in entry["val_loss"])
-            cells = [f"{at[step]:.3f}" if step in at else "n/a" for step in shown]
-            change = entry["val_loss_relative_change"]
-            change_text = "n/a" if change["mean"] is None else f"{100 * change['mean']:+.1f} %"
-            if change["sd"] is not None:
-                change_text += f" ± {100 * change['sd']:.1f}"
-            lines.append("| " + " | ".join([entry["model"], entry["init"], *cells, change_text]) + " |")
-    dice_curves = [entry for entry in entries if entry.get("val_dice")]
-    if dice_curves:
-        steps = sorted({step for entry in dice_curves for step, _ in entry["val_dice"]})
-        shown = steps if len(steps) <= 10 else [steps[round(i * (len(steps) - 1) / 9)] for i in range(10)]
-        lines += [
-            "",
-            "## Validation mean Dice (plateau check)",
-            "",
-            "The bundle's `val_mean_dice` (`PolypOverlap`, validation split at the training size, eval mode, after "
-            "the BatchNorm and memory refreshes) at the end of each epoch, mean over seeds. Last column: relative "
-            "change over the last quarter of the steps (mean ± SD over seeds); near 0 means the run had stopped "
-            "improving.",
-            "",
-            "| Model | Init | " + " | ".join(f"step {step}" for step in shown) + " | Change, last quarter |",
-            "|---|---|" + "---:|" * (len(shown) + 1),
-        ]
-        for entry in dice_curves:
-            at = dict((step, value) for step, value in entry["val_dice"])
-            cells = [f"{at[step]:.3f}" if step in at else "n/a" for step in shown]
-            change = entry["val_dice_relative_change"]
-            change_text = "n/a" if change["mean"] is None else f"{100 * change['mean']:+.1f} %"
-            if change["sd"] is not None:
-                change_text += f" ± {100 * change['sd']:.1f}"
-            lines.append("| " + " | ".join([entry["model"], entry["init"], *cells, change_text]) + " |")
+    lines += _curve_table(
+        entries,
+        "val_loss",
+        "Validation loss (plateau check)",
+        "DiceCE of the segmentation output on the validation split at the training size, eval mode, mean over "
+        "seeds, at the steps shown. Last column: relative change of the loss over the last quarter of the "
+        "steps (mean ± SD over seeds); near 0 means the run had stopped improving.",
+        9,
+    )
+    lines += _curve_table(
+        entries,
+        "val_dice",
+        "Validation mean Dice (plateau check)",
+        "The bundle's `val_mean_dice` (`PolypOverlap`, validation split at the training size, eval mode, after "
+        "the BatchNorm and memory refreshes) at the end of each epoch, mean over seeds. Last column: relative "
+        "change over the last quarter of the steps (mean ± SD over seeds); near 0 means the run had stopped "
+        "improving.",
+        10,
+    )
     used = [entry for entry in entries if entry.get("memory_use")]
     if used:
         names = [n for n in used[0]["memory_use"]["dice_change_memory_emptied"]]
@@ -1013,20 +985,56 @@ def markdown(entries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, 
         "|---|---:|---|---|---:|---|---|",
     ]
     for comparison in comparisons:
-        metrics = comparison["metrics"]
-        dice = metrics.get("dice")
-        verdicts = [m["within_one_sd"] for m in metrics.values()]
-        if not dice or None in verdicts:
-            within_dice, count = "n/a (one seed)", "n/a"
-        else:
-            within_dice = "yes" if dice["within_one_sd"] else "**no**"
-            outside = [TABLE_HEADERS[k] for k, m in metrics.items() if not m["within_one_sd"]]
-            count = f"{sum(verdicts)}/{len(verdicts)}" + (f" (beyond: {', '.join(outside)})" if outside else "")
-        delta = f"{dice['difference']:+.3f}" if dice else "n/a"
-        pair = f"{comparison['first']} vs {comparison['second']}"
+        pair, delta, within_dice, count = comparison_cells(comparison)
         row = [comparison["init"], str(comparison["steps"]), comparison["dataset"], pair, delta, within_dice, count]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _curve_table(entries: Sequence[dict[str, Any]], key: str, title: str, text: str, columns: int) -> list[str]:
+    """The markdown lines of a validation curve table (``key``: ``val_loss`` or ``val_dice``, with its
+    ``<key>_relative_change``) at up to ``columns`` evenly spread steps; nothing when no entry has the curve."""
+    curves = [entry for entry in entries if entry.get(key)]
+    if not curves:
+        return []
+    steps = sorted({step for entry in curves for step, _ in entry[key]})
+    shown = (
+        steps if len(steps) <= columns else [steps[round(i * (len(steps) - 1) / (columns - 1))] for i in range(columns)]
+    )
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        text,
+        "",
+        "| Model | Init | " + " | ".join(f"step {step}" for step in shown) + " | Change, last quarter |",
+        "|---|---|" + "---:|" * (len(shown) + 1),
+    ]
+    for entry in curves:
+        at = dict((step, value) for step, value in entry[key])
+        cells = [f"{at[step]:.3f}" if step in at else "n/a" for step in shown]
+        change = entry[f"{key}_relative_change"]
+        change_text = "n/a" if change["mean"] is None else f"{100 * change['mean']:+.1f} %"
+        if change["sd"] is not None:
+            change_text += f" ± {100 * change['sd']:.1f}"
+        lines.append("| " + " | ".join([entry["model"], entry["init"], *cells, change_text]) + " |")
+    return lines
+
+
+def comparison_cells(comparison: dict[str, Any]) -> tuple[str, str, str, str]:
+    """A comparison's table cells: the pair, the mean Dice difference, whether it is within one SD, and how many
+    suite metrics are (naming those beyond)."""
+    metrics = comparison["metrics"]
+    dice = metrics.get("dice")
+    verdicts = [m["within_one_sd"] for m in metrics.values()]
+    if not dice or None in verdicts:
+        within_dice, count = "n/a (one seed)", "n/a"
+    else:
+        within_dice = "yes" if dice["within_one_sd"] else "**no**"
+        outside = [TABLE_HEADERS[k] for k, m in metrics.items() if not m["within_one_sd"]]
+        count = f"{sum(verdicts)}/{len(verdicts)}" + (f" (beyond: {', '.join(outside)})" if outside else "")
+    delta = f"{dice['difference']:+.3f}" if dice else "n/a"
+    return f"{comparison['first']} vs {comparison['second']}", delta, within_dice, count
 
 
 def gather(work_dir: Path) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from polyp_accuracy import SUITE, TABLE_HEADERS  # noqa: E402
+from polyp_accuracy import SUITE, TABLE_HEADERS, comparison_cells  # noqa: E402
 
 VAL = "val"
 
@@ -103,17 +103,7 @@ def bundle_table(merged: dict[str, Any]) -> str:
         "|---|---|---:|---|---|",
     ]
     for comparison in merged["comparisons"]:
-        metrics = comparison["metrics"]
-        dice = metrics.get("dice")
-        verdicts = [m["within_one_sd"] for m in metrics.values()]
-        if not dice or None in verdicts:
-            within, count = "n/a (one seed)", "n/a"
-        else:
-            within = "yes" if dice["within_one_sd"] else "**no**"
-            outside = [TABLE_HEADERS[k] for k, m in metrics.items() if not m["within_one_sd"]]
-            count = f"{sum(verdicts)}/{len(verdicts)}" + (f" (beyond: {', '.join(outside)})" if outside else "")
-        delta = f"{dice['difference']:+.3f}" if dice else "n/a"
-        pair = f"{comparison['first']} vs {comparison['second']}"
+        pair, delta, within, count = comparison_cells(comparison)
         lines.append("| " + " | ".join([comparison["dataset"], pair, delta, within, count]) + " |")
     return "\n".join(lines)
 
