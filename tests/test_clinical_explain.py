@@ -8,7 +8,10 @@ the model record says the training data was), each case a distinct colour so its
 from __future__ import annotations
 
 import csv
+import io
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,18 +24,22 @@ from monai.data import Dataset
 from PIL import Image
 from test_dicom_seg import multiframe_dicom, video_frames
 
+from monai_ecrm.clinical import ClinicalInference, job
+from monai_ecrm.clinical import explain as explain_module
 from monai_ecrm.clinical.cli import EXIT_OK, EXIT_USAGE, main
-from monai_ecrm.clinical.explain import EXPLAIN_COLUMNS, NOTE_COLUMN
+from monai_ecrm.clinical.explain import EXPLAIN_COLUMNS, NOTE_COLUMN, CasePictures, ExplainingRunner
+from monai_ecrm.clinical.writing import PARTIAL_DIR
 from monai_ecrm.handlers import refresh_memory
 from monai_ecrm.networks.nets import ECRMUNet
 from monai_ecrm.record import make_record, record_for_torchscript, record_from_network, write_record
-from monai_ecrm.transforms import infer_transforms
+from monai_ecrm.transforms import eval_transforms, infer_transforms
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:DeprecationWarning")
 
 SIZE = 64
-TILE = 256
-#: the cases' colours; each case is a picture of that colour with a white box
+INPUT_TILE = 256
+TILE = 192
+#: the cases' colours; each case is a picture of that colour with a white box, its label
 COLOURS = {"left/case0.png": (200, 0, 0), "left/case1.png": (0, 200, 0), "right/case2.png": (0, 0, 200),
            "right/case3.png": (200, 200, 0)}  # fmt: skip
 NETWORK = {
@@ -73,16 +80,18 @@ def _save(network: ECRMUNet, folder: Path, threshold: float, dataset_dir: Path |
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Model:
     root = tmp_path_factory.mktemp("explain")
-    dataset = root / "dataset"
+    dataset, labels = root / "dataset", root / "labels"
     items = []
     for name, colour in COLOURS.items():
         picture = np.zeros((48, 64, 3), dtype=np.uint8)
         picture[...] = colour
         picture[12:30, 16:40] = 255
-        (dataset / name).parent.mkdir(parents=True, exist_ok=True)
-        items.append({"image": str(write_png(dataset / name, picture))})
-    network = _network()
-    refresh_memory(network, Dataset(items, transform=infer_transforms(spatial_size=SIZE)))
+        for folder in (dataset, labels):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        label = write_png(labels / name, np.where(picture[..., 1] == 255, 255, 0).astype(np.uint8))
+        items.append({"image": str(write_png(dataset / name, picture)), "label": str(label)})
+    network = _network()  # label prototypes need the labels; a coarse-mask memory ignores them
+    refresh_memory(network, Dataset(items, transform=eval_transforms(spatial_size=SIZE)))
     assert network.ecrm.memory.slot_names()[:4] == list(COLOURS), "the memory names its cases by relative path"
 
     inputs = root / "inputs"
@@ -122,8 +131,10 @@ def _frames(row: dict[str, str]) -> list[tuple[list[str], list[float]]]:
 
 
 def _tile(picture: np.ndarray, index: int) -> np.ndarray:
-    """The ``index``-th tile of an explanation picture (0: the input)."""
-    left = 8 + index * (TILE + 8)
+    """The ``index``-th tile of an explanation picture (0: the input, then the cases)."""
+    if index == 0:
+        return picture[26 : 26 + INPUT_TILE, 8 : 8 + INPUT_TILE]
+    left = 16 + INPUT_TILE + (index - 1) * (TILE + 8)
     return picture[26 : 26 + TILE, left : left + TILE]
 
 
@@ -144,7 +155,7 @@ def test_explain_names_the_top_memory_cases_and_draws_them_beside_unchanged_mask
         "video.dcm": {"video_seg.dcm", "video_frame0000_explain.png", "video_frame0001_explain.png"},
     }, "an explanation picture per frame, named as the masks, listed with the input's outputs"
     picture = np.asarray(Image.open(tmp_path / "explained" / "still_explain.png").convert("RGB"))
-    assert picture.shape[1] >= 3 * TILE, "the input tile and the 2 case tiles in a row"
+    assert picture.shape[1] == 16 + INPUT_TILE + 2 * (TILE + 8), "the input tile and the 2 case tiles in a row"
     first = _frames(rows["still.png"])[0][0][0]
     colour_pixels = (_tile(picture, 1) == COLOURS[first]).all(axis=-1).sum()
     assert colour_pixels > 0.3 * TILE * TILE, f"tile 1 shows the picture of {first}, read from the dataset folder"
@@ -185,7 +196,7 @@ def test_a_memory_without_cases_writes_the_masks_and_says_why_once(memory, model
     network = _network()
     if memory == "unnamed":  # written in training, before memory provenance: no sources, no names
         with torch.no_grad():
-            network.train()(torch.rand(2, 3, SIZE, SIZE))
+            network.train()(torch.rand(2, 3, SIZE, SIZE), labels=(torch.rand(2, 1, SIZE, SIZE) > 0.5).float())
         network.eval().ecrm.memory.sources.fill_(-1)
     assert int(network.ecrm.memory.filled) == (0 if memory == "empty" else 2)
     checkpoint = _save(network, tmp_path / "model", 0.5, model.dataset)
@@ -241,3 +252,91 @@ def test_explain_needs_the_pytorch_network(model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == EXIT_OK and f"model: {bundle / 'model.pt'} " in err, "a bundle's model.pt is taken for --explain"
     assert (tmp_path / "bundle_out" / "still_explain.png").is_file()
+
+
+def _explaining_job(model: Model, output: Path) -> ClinicalInference:
+    return ClinicalInference(
+        ExplainingRunner(model.network, 2),
+        output,
+        spatial_size=SIZE,
+        progress=False,
+        case_pictures=CasePictures([model.dataset]),
+    )
+
+
+def _copies(model: Model, folder: Path, names: list[str]) -> list[Path]:
+    folder.mkdir()
+    return [Path(shutil.copyfile(model.inputs / "still.png", folder / name)) for name in names]
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("monai-ecrm-explain")]
+
+
+def test_explanation_pictures_written_in_the_background_are_there_when_the_job_returns(model, tmp_path, monkeypatch):
+    """The pictures are written by a background thread while the network runs on: an input is reported (and run()
+    returns) only when its pictures are in place, a picture that cannot be written fails its own input only, and the
+    pictures waiting to be written stay few (memory stays flat however slow the disk)."""
+    write = explain_module._write_png
+    waiting, most = [0], [0]
+    compose = explain_module.ExplanationWriter.compose
+
+    def counted_compose(self, data, explanation):
+        waiting[0] += 1
+        most[0] = max(most[0], waiting[0])
+        return compose(self, data, explanation)
+
+    def slow_or_failing(partial, image, written, final):
+        time.sleep(0.2)  # a slow disk: the calling thread is on the next inputs meanwhile
+        waiting[0] -= 1
+        if final.name.startswith("c_"):
+            raise OSError(28, "No space left on device")
+        return write(partial, image, written, final)
+
+    monkeypatch.setattr(explain_module.ExplanationWriter, "compose", counted_compose)
+    monkeypatch.setattr(explain_module, "_write_png", slow_or_failing)
+    names = ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"]
+    inputs = _copies(model, tmp_path / "in", names)
+    results = _explaining_job(model, tmp_path / "out").run(inputs)
+
+    assert [result.status for result in results] == ["written", "written", "failed", "written", "written", "written"]
+    assert "No space left on device" in results[2].detail, results[2].detail
+    for result in results[:2] + results[3:]:
+        stem = Path(result.input).stem
+        assert {Path(output).name for output in result.outputs} == {f"{stem}_seg.png", f"{stem}_explain.png"}
+        assert all(Path(output).is_file() for output in result.outputs), f"{stem}: reported before it was written"
+    assert not (tmp_path / "out" / "c_explain.png").exists()
+    assert most[0] <= job._WRITES_AHEAD + 1, f"{most[0]} pictures waited to be written: memory grows with the job"
+    assert not _writer_threads(), "the job's writing thread ends with the job"
+    assert not (tmp_path / "out" / PARTIAL_DIR).exists(), "nothing left in the private folder"
+
+
+def test_an_interrupted_job_has_its_reported_inputs_complete_and_stops_its_writing_thread(model, tmp_path):
+    class Interrupting(ExplainingRunner):
+        frames = 0
+
+        def __call__(self, image):
+            self.frames += 1
+            if self.frames == 3:
+                raise KeyboardInterrupt
+            return super().__call__(image)
+
+    inputs = _copies(model, tmp_path / "in", ["a.png", "b.png", "c.png"])
+    inference = _explaining_job(model, tmp_path / "out")
+    inference.runner = Interrupting(model.network, 2)
+    results = []
+    with pytest.raises(KeyboardInterrupt):
+        inference.run(inputs, results)
+    assert [Path(result.input).name for result in results] == ["a.png", "b.png"]
+    assert all(Path(output).is_file() for result in results for output in result.outputs)
+    assert not _writer_threads(), "an interrupted job does not leave its writing thread behind"
+    assert not (tmp_path / "out" / PARTIAL_DIR).exists()
+
+
+def test_an_explanation_picture_is_a_png_of_exactly_the_composed_pixels():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    pixels[10:20] = (24, 24, 24)  # flat rows, as the background between tiles
+    decoded = Image.open(io.BytesIO(explain_module._png(pixels)))
+    assert decoded.format == "PNG" and decoded.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(decoded), pixels)

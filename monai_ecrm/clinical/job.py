@@ -8,24 +8,29 @@ output: :meth:`ClinicalInference.run` names the outputs of all its inputs before
 (:func:`~monai_ecrm.clinical.writing.output_stems`), and an input whose outputs another input of the job already has
 (a frame of a multi-frame file, ``a_frame0001_seg.png``, and a file ``a_frame0001.png``) fails without writing.
 
-Each input's header is read once (:class:`~monai_ecrm.clinical.sources.InputFile`); for DICOM it serves the decoding
-of the frames and the SEG. While the network runs on a frame, a background thread reads, decodes and pre-processes
-the next ones (two ahead, of the same file or the next files; ``prefetch``). The model runner and the writing stay in
-the calling thread, in input order, so outputs, reports and interruption behave as when each frame is processed in
-turn. The prefetch thread hands over a stream of events: an :class:`~monai_ecrm.clinical.report.InputResult` for an
-input settled before decoding, else a ``_FileJob``, then each frame's network input (or the ``DataError`` of a frame
-that cannot be decoded), then a ``_FileEnd``.
+Each input's header is read once (:class:`~monai_ecrm.clinical.sources.InputFile`); for DICOM it serves the decoding of
+the frames and the SEG. While the network runs on a frame, a background thread reads, decodes and pre-processes the next
+ones (two ahead, of the same file or the next files; ``prefetch``). The model runner and the writing stay in the calling
+thread (but for the explanation pictures' encoding, below), in input order, so outputs, reports and interruption behave
+as when each frame is processed in turn. The prefetch thread hands over a stream of events: an
+:class:`~monai_ecrm.clinical.report.InputResult` for an input settled before decoding, else a ``_FileJob``, then each
+frame's network input (or the ``DataError`` of a frame that cannot be decoded), then a ``_FileEnd``.
 
 With ``case_pictures`` (``--explain K``) every explained frame also gets ``<stem>_explain.png`` beside its mask
 (:class:`~monai_ecrm.clinical.explain.ExplanationWriter`), an output of its input like the mask: named, claimed and
-checked on a rerun with it.
+checked on a rerun with it. The picture is composed in the calling thread and written (PNG encoding, atomic rename:
+most of its cost, and zlib releases the GIL) by one background thread while the network runs on the next frame, at
+most ``_WRITES_AHEAD`` pictures waiting; an input is reported once its pictures are in place, a picture that could
+not be written fails its input as a mask would, and a job returns (or is interrupted) only when the thread is done.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,9 @@ __all__ = ["ClinicalInference"]
 
 _INPUT_ERRORS = (DataError, ValueError, RuntimeError, OSError)
 """What reading, decoding, running or writing an input may raise: reported for that input, the job goes on."""
+_WRITES_AHEAD = 2
+"""Explanation pictures composed and not yet written: the calling thread waits for the oldest beyond this, so memory
+stays flat when writing is slower than the network."""
 
 
 @dataclass
@@ -62,6 +70,7 @@ class _FileJob:
     segmented: int = 0
     columns: dict[str, list[str]] = field(default_factory=dict)
     error: Exception | None = None
+    writes: list[Future] = field(default_factory=list)
 
     def add_frame(self, columns: dict[str, str]) -> None:
         """Count a segmented frame and keep its report values."""
@@ -104,7 +113,8 @@ class ClinicalInference:
         case_pictures: write ``<stem>_explain.png`` beside each mask (for DICOM sources too; an output of the input,
             like its mask) for the frames the runner explains (an
             :class:`~monai_ecrm.clinical.explain.ExplainingRunner`), the memory cases' pictures found here
-            (:class:`~monai_ecrm.clinical.explain.ExplanationWriter`); ``None``: no explanation pictures.
+            (:class:`~monai_ecrm.clinical.explain.ExplanationWriter`; written by a background thread, see the module
+            docstring); ``None``: no explanation pictures.
     """
 
     def __init__(
@@ -158,6 +168,8 @@ class ClinicalInference:
                 output_stems=self.writer.output_stems,
             )
         self._owners: dict[str, Path] = {}
+        self._background: ThreadPoolExecutor | None = None
+        self._writing: deque[Future] = deque()
 
     def process(self, path: str | os.PathLike) -> InputResult:
         """Segment one input file and say what happened (errors are reported, not raised).
@@ -165,8 +177,11 @@ class ClinicalInference:
         Args:
             path: the input file.
         """
-        with prefetched(self._events([path]), self.prefetch) as events:
-            return next(self._results(events))
+        try:
+            with prefetched(self._events([path]), self.prefetch) as events:
+                return next(self._results(events))
+        finally:
+            self._stop_writing()
 
     def run(self, inputs: Sequence[str | os.PathLike], results: list[InputResult] | None = None) -> list[InputResult]:
         """Process every input (a progress bar over the files) and return what happened to each.
@@ -191,6 +206,7 @@ class ClinicalInference:
                 for result in _progress(self._results(events), len(inputs), self.progress, "inputs", unit="file"):
                     results.append(result)
         finally:
+            self._stop_writing()
             self.writer.close()
         return results
 
@@ -270,14 +286,36 @@ class ClinicalInference:
                 yield _FileEnd(job, None)
 
     # --------------------------------------------------------------------- calling thread: network and writing
-    def _segment(self, data: dict[str, Any]) -> dict[str, str]:
-        """Run the model on a frame's network input and write its outputs; the frame's report values."""
+    def _segment(self, data: dict[str, Any], job: _FileJob) -> dict[str, str]:
+        """Run the model on a frame's network input and write its outputs (its explanation picture in the
+        background, awaited by :meth:`_finish`); the frame's report values."""
         output = self.runner(data["image"].as_tensor())
         data["pred"] = output.logits
         written = self.postprocessing(data)
         if self.explanations is not None and output.explanation is not None:
-            self.explanations(written, output.explanation)
+            job.writes.append(self._write_later(self.explanations.compose(written, output.explanation)))
         return output.columns
+
+    def _write_later(self, write: Callable[[], Path]) -> Future:
+        """Run ``write`` in the background thread, after the writes before it (waiting first for the oldest when
+        :data:`_WRITES_AHEAD` are waiting)."""
+        while self._writing and self._writing[0].done():
+            self._writing.popleft()
+        if len(self._writing) >= _WRITES_AHEAD:
+            wait([self._writing.popleft()])
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="monai-ecrm-explain")
+        future = self._background.submit(write)
+        self._writing.append(future)
+        return future
+
+    def _stop_writing(self) -> None:
+        """Wait for the background writes (those not started yet are dropped: after an interruption, their input is
+        not reported) and end the thread."""
+        if self._background is not None:
+            self._background.shutdown(wait=True, cancel_futures=True)
+            self._background = None
+        self._writing.clear()
 
     def _results(self, events: Iterable[Any]) -> Iterator[InputResult]:
         """Segment the frames of :meth:`_events` and say what happened to each input, in order."""
@@ -305,7 +343,7 @@ class ClinicalInference:
                     job.problems.append(describe_problem(event))
                     continue
                 try:
-                    job.add_frame(self._segment(event))
+                    job.add_frame(self._segment(event, job))
                 except DataError as error:
                     job.problems.append(describe_problem(error))
                 except (ValueError, RuntimeError, OSError) as error:
@@ -314,6 +352,13 @@ class ClinicalInference:
     def _finish(self, job: _FileJob, error: Exception | None) -> InputResult:
         """The result of an input whose frames were all segmented, reported or given up."""
         path = job.path
+        for write in job.writes:  # its explanation pictures, written in the background
+            try:
+                write.result()
+            except DataError as problem:
+                job.problems.append(describe_problem(problem))
+            except (ValueError, RuntimeError, OSError) as write_error:
+                job.error = job.error or write_error
         error = job.error or error
         if error is None and job.fmt == "dicom":
             try:
