@@ -318,12 +318,13 @@ def training_prepare_batch(
     """The trainer's ``prepare_batch``: MONAI's ``PrepareBatchExtraInput`` passing each batch's ``source_key`` (the
     training items' positions, :func:`monai_ecrm.data.with_case_index`, collated to a ``[B]`` tensor) as ``sources=``
     to a network whose ``forward`` takes it (``ECRMUNet``: the memory records which case wrote each slot), and the
-    label as ``labels=`` when ``labels`` (ECRM writing its memory from the ground truth); MONAI's
-    ``default_prepare_batch`` when neither applies (a network without memory, such as ``FlexibleUNet``).
+    label as ``labels=`` when ``labels`` and the ``forward`` takes it (ECRM writing its memory from the ground truth);
+    MONAI's ``default_prepare_batch`` when neither applies (a network without memory, such as ``FlexibleUNet``, given
+    as ``network_def`` while the config still says ``prototypes`` label).
 
     Args:
         network: the training network (DDP/compile wrappers are unwrapped).
-        labels: pass ``labels=`` (``prototypes="label"``).
+        labels: pass ``labels=`` (``prototypes="label"``) to a network whose ``forward`` takes it.
         label_key: batch key of the label.
         source_key: batch key of the case indices.
     """
@@ -332,11 +333,11 @@ def training_prepare_batch(
     from monai_ecrm.handlers.aux_supervision import unwrap_network
 
     try:
-        takes_sources = "sources" in inspect.signature(unwrap_network(network).forward).parameters
+        parameters = inspect.signature(unwrap_network(network).forward).parameters
     except (TypeError, ValueError):
-        takes_sources = False
-    extra = {"labels": label_key} if labels else {}
-    if takes_sources:
+        parameters = {}
+    extra = {"labels": label_key} if labels and "labels" in parameters else {}
+    if "sources" in parameters:
         extra["sources"] = source_key
     return PrepareBatchExtraInput(extra) if extra else default_prepare_batch
 

@@ -87,6 +87,8 @@ __all__ = [
 METADATA_KEY = "monai_ecrm.record"
 #: version of the record's layout (see :func:`make_record`)
 SCHEMA_VERSION = 1
+#: the network class whose construction arguments a record states resolved
+_ECRMUNET_TARGET = "monai_ecrm.networks.nets.ECRMUNet"
 #: graph input and output names (also in ``configs/onnx_export.json``)
 INPUT_NAME = "image"
 OUTPUT_NAME = "pred"
@@ -154,7 +156,7 @@ def make_record(
     spatial_size: int | Sequence[int],
     normalization: str,
     threshold: float = 0.5,
-    network_target: str = "monai_ecrm.networks.nets.ECRMUNet",
+    network_target: str = _ECRMUNET_TARGET,
     memory: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -169,7 +171,10 @@ def make_record(
     versions, opset); ``calibration`` (INT8 only).
 
     Args:
-        network_kwargs: the network's construction arguments (the bundle's ``network_def`` without ``_target_``).
+        network_kwargs: the network's construction arguments (the bundle's ``network_def`` without ``_target_``). For
+            an ``ECRMUNet`` they are stored resolved, every architecture argument stated
+            (:func:`monai_ecrm.record.resolve_network_kwargs`: what is left out is ``ECRMUNet``'s default, the
+            weights' source dropped), so that a reader never has to guess a default.
         spatial_size: the network input size of the preprocessing, an int for a square or ``[H, W]``.
         normalization: a name of :data:`monai_ecrm.transforms.NORMALIZATIONS`.
         threshold: probability threshold of the mask.
@@ -181,6 +186,10 @@ def make_record(
         raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}.")
     mean, std = NORMALIZATIONS[normalization]
     size = [int(spatial_size)] * 2 if isinstance(spatial_size, (int, np.integer)) else [int(s) for s in spatial_size]
+    if network_target == _ECRMUNET_TARGET:
+        from monai_ecrm.record import resolve_network_kwargs
+
+        network_kwargs = resolve_network_kwargs(network_kwargs)
     out_channels = int(network_kwargs.get("out_channels", 1))
     return _plain(
         {
@@ -295,7 +304,7 @@ def bundle_record(
         spatial_size=parser.get_parsed_content("spatial_size"),
         normalization=parser.get_parsed_content("normalization"),
         threshold=parser.get_parsed_content("threshold") if "threshold" in parser else 0.5,
-        network_target=definition.get("_target_", "monai_ecrm.networks.nets.ECRMUNet"),
+        network_target=definition.get("_target_", _ECRMUNET_TARGET),
         memory=memory,
         source=source,
     )

@@ -30,7 +30,10 @@ What the weights determine (backbone, channels, memory size and classes, ICRM, m
 any state dict by :func:`record_from_state_dict`, so a model file without a record still builds the right network.
 :func:`merge_record` joins the derived record, the written one and the user's options: an option that contradicts the
 model is a :class:`RecordConflictError` naming both values, never a silent change; what nobody states is filled with
-the package default and listed under ``"assumed"``. :func:`load_network` (and ``ECRMUNet.from_checkpoint``) builds the
+a default and listed under ``"assumed"``. An ``ECRMUNet`` argument a model file does not state (a file without a
+record, a record written without it) is read with the value such files were written with, DCRNet's block
+(:data:`UNSTATED_DEFAULTS`), never with ``ECRMUNet``'s current defaults: every model saved so far keeps its meaning.
+:func:`load_network` (and ``ECRMUNet.from_checkpoint``) builds the
 network and loads the weights strictly; :func:`check_bundle_config` holds a bundle config's values against the record
 of the model it runs.
 
@@ -64,7 +67,7 @@ from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
 from torch import nn
 
 import monai_ecrm
-from monai_ecrm.networks.nets import ECRMUNet
+from monai_ecrm.networks.nets import DCRNET_ECRM_OPTIONS, ECRMUNet
 from monai_ecrm.transforms import NORMALIZATIONS, normalization_for_backbone
 
 __all__ = [
@@ -76,6 +79,7 @@ __all__ = [
     "PREPROCESSING_KEYS",
     "DEFAULT_SPATIAL_SIZE",
     "DEFAULT_THRESHOLD",
+    "UNSTATED_DEFAULTS",
     "RecordConflictError",
     "make_record",
     "resolve_network_kwargs",
@@ -117,6 +121,11 @@ _ECRM_KEYS = (
     "attend_first",
     "supervise_attention",
 )
+#: what a model file that does not state an ``ECRMUNet`` argument was built with: the DCRNet block
+#: (:data:`~monai_ecrm.networks.nets.DCRNET_ECRM_OPTIONS`, ECRMUNet's ECRM defaults until the accuracy study chose
+#: others) and 512 ECRM channels (the default before ``ecrm_channels`` followed the memory level). For model files only
+#: (:func:`merge_record`), never for a configuration, whose network is built with ECRMUNet's own defaults.
+UNSTATED_DEFAULTS: dict[str, Any] = {**DCRNET_ECRM_OPTIONS, "ecrm_channels": 512}
 #: arguments that change training or initialisation only: a model computes the same at inference whatever they were
 _TRAINING_ONLY_KEYS = ("prototypes", "attend_first", "context_start", "dropout", "supervise_attention")
 #: options of :func:`merge_record` that are not network arguments
@@ -189,9 +198,9 @@ def _backbone_entry(backbone: str) -> dict[str, Any]:
 
 
 def _resolve_nones(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` with the ``None`` values that ``ECRMUNet`` resolves (``memory_stride``, ``ecrm_classes``,
-    ``attend_first``) replaced by what it resolves them to, and ECRM-only arguments dropped without ECRM. Keys that are
-    absent stay absent."""
+    """``kwargs`` with the ``None`` values that ``ECRMUNet`` resolves (``memory_stride``, ``ecrm_channels``,
+    ``ecrm_classes``, ``attend_first``) replaced by what it resolves them to, and ECRM-only arguments dropped without
+    ECRM. Keys that are absent stay absent (``ecrm_channels=None`` stays ``None`` without a ``memory_stride``)."""
     kwargs = dict(kwargs)
     backbone = kwargs.get("backbone")
     entry = _backbone_entry(backbone) if backbone is not None else None
@@ -205,6 +214,10 @@ def _resolve_nones(kwargs: dict[str, Any]) -> dict[str, Any]:
         return kwargs
     if kwargs.get("memory_stride", 0) is None and entry is not None:
         kwargs["memory_stride"] = 2 ** int(entry["feature_number"])
+    if "ecrm_channels" in kwargs and kwargs["ecrm_channels"] is None and entry is not None:
+        channels = _level_channels(entry, kwargs.get("memory_stride"))
+        if channels is not None:
+            kwargs["ecrm_channels"] = channels
     if "ecrm_classes" in kwargs and kwargs["ecrm_classes"] is None and "out_channels" in kwargs:
         kwargs["ecrm_classes"] = int(kwargs["out_channels"])
     if "attend_first" in kwargs and kwargs["attend_first"] is None and "prototypes" in kwargs:
@@ -214,12 +227,23 @@ def _resolve_nones(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _level_channels(entry: Mapping[str, Any], stride: Any) -> int | None:
+    """Channels of a backbone's encoder level of stride ``stride`` (``None`` for a stride it has no level of)."""
+    strides = [2 ** (level + 1) for level in range(int(entry["feature_number"]))]
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride not in strides:
+        return None
+    return int(entry["feature_channel"][strides.index(stride)])
+
+
 def resolve_network_kwargs(network_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Every ``ECRMUNet`` architecture argument (:data:`ARCHITECTURE_KEYS`), ``network_kwargs`` over the class
     defaults, with the values the class resolves itself made explicit: ``memory_stride=None`` is the deepest level's
-    stride, ``ecrm_classes=None`` is ``out_channels``, ``attend_first=None`` follows ``prototypes``, and a network
-    without ECRM has no ECRM options. Initialisation arguments (``pretrained``, ``pretrained_weights``,
-    ``bank_size_mismatch``) are dropped: the weights come from the model file.
+    stride, ``ecrm_channels=None`` the channels of the memory level, ``ecrm_classes=None`` is ``out_channels``,
+    ``attend_first=None`` follows ``prototypes``, and a network without ECRM has no ECRM options. The defaults are the
+    class's current ones: this describes a network built from these arguments now (a configuration), not a model
+    file (:func:`merge_record` reads what a model file leaves out as :data:`UNSTATED_DEFAULTS`). Initialisation
+    arguments (``pretrained``, ``pretrained_weights``, ``bank_size_mismatch``) are dropped: the weights come from the
+    model file.
 
     Raises:
         ValueError: an argument ``ECRMUNet`` does not take, or an unknown backbone.
@@ -345,8 +369,10 @@ def _matching_backbones(state: Mapping[str, Any], spatial_dims: int, in_channels
 
 
 def _network_layout(kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    # the options the weights leave open (prototypes, supervise_attention, ...) do not change the layout; DCRNet's
+    # values are valid whatever the derived background_tokens
     with torch.device("meta"):
-        network = ECRMUNet(**kwargs)
+        network = ECRMUNet(**{**DCRNET_ECRM_OPTIONS, **kwargs})
     return _layout(network.state_dict())
 
 
@@ -489,6 +515,7 @@ def record_from_network(
         shown.update({key: getattr(plain.ecrm, key) for key in _ECRM_KEYS if hasattr(plain.ecrm, key)})
     shown = _resolve_nones(shown)
     given = _resolve_nones({"backbone": plain.backbone, **(network_kwargs or {})})
+    given = {key: value for key, value in given.items() if value is not None}  # None: "as the class resolves it"
     for key in shown.keys() & given.keys():
         if not _same(shown[key], given[key]):
             raise RecordConflictError([(key, {"the network": shown[key], "network_kwargs": given[key]})])
@@ -525,9 +552,12 @@ def merge_record(
 
     Precedence: a value the weights determine (``derived``, :func:`record_from_state_dict`) or the record states
     (``written``, :func:`read_record`) cannot be changed by a flag; a flag only states what neither says. Values nobody
-    states get the package defaults (``ECRMUNet``'s arguments, input size :data:`DEFAULT_SPATIAL_SIZE`, the backbone's
-    normalisation, threshold :data:`DEFAULT_THRESHOLD`) and the record lists their paths under ``"assumed"``
-    (``"preprocessing.spatial_size"``, ``"network.kwargs.norm"``, ...) so that a command can say so.
+    states get the defaults model files were written with (:data:`UNSTATED_DEFAULTS`, the DCRNet block, for the ECRM
+    options and ``ecrm_channels``; ``ECRMUNet``'s other arguments; input size :data:`DEFAULT_SPATIAL_SIZE`, the
+    backbone's normalisation, threshold :data:`DEFAULT_THRESHOLD`) and the record lists their paths under
+    ``"assumed"`` (``"preprocessing.spatial_size"``, ``"network.kwargs.norm"``, ...) so that a command can say so. A
+    record that leaves out an argument the weights do not show states its :data:`UNSTATED_DEFAULTS` value (a flag
+    cannot change it either).
 
     Args:
         derived: the record the weights determine (or ``None``).
@@ -555,6 +585,14 @@ def merge_record(
         _check(written, names["written"])
     derived_kwargs = dict((derived.get("network") or {}).get("kwargs") or {})
     written_kwargs = dict((written.get("network") or {}).get("kwargs") or {})
+    # a record without an argument was written before it existed (or from a partial configuration): it had the value of
+    # that time, DCRNet's, not ECRMUNet's current default; what the weights show needs no such reading
+    unstated = {
+        key: value
+        for key, value in UNSTATED_DEFAULTS.items()
+        if written_kwargs and key not in written_kwargs and key not in derived_kwargs
+    }
+    written_kwargs.update(unstated)
     flag_kwargs = {key: value for key, value in flags.items() if key in ARCHITECTURE_KEYS}
     backbone = derived_kwargs.get("backbone") or written_kwargs.get("backbone") or flag_kwargs.get("backbone")
     # None values resolved as ECRMUNet resolves them (with the model's backbone), so that null and 32 compare equal
@@ -579,8 +617,12 @@ def merge_record(
         if not _same(flag_kwargs[key], known[key])
     ]
     stated = {**flag_kwargs, **known}
-    kwargs = resolve_network_kwargs(stated)
-    assumed = [f"network.kwargs.{key}" for key in kwargs if key not in stated and key not in _TRAINING_ONLY_KEYS]
+    kwargs = resolve_network_kwargs({**UNSTATED_DEFAULTS, **stated})
+    assumed = [
+        f"network.kwargs.{key}"
+        for key in kwargs
+        if (key not in stated or (key in unstated and key not in flag_kwargs)) and key not in _TRAINING_ONLY_KEYS
+    ]
     spatial_dims = int(kwargs["spatial_dims"])
 
     preprocessing = dict(written.get("preprocessing") or {})
@@ -662,6 +704,8 @@ def _accuracy_record(result_path: Path) -> dict[str, Any] | None:
         return None
     if result["model"] == "no_ecrm":
         network.update(use_ecrm=False, memory_stride=None)
+    # the protocol's command line defaults to the DCRNet options; a result written before an option existed lacks it
+    network = {**UNSTATED_DEFAULTS, **network}
     config = result.get("config") or {}
     training = {
         "protocol": "benchmarks/polyp_accuracy.py",

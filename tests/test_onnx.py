@@ -33,14 +33,15 @@ from monai_ecrm.onnx import (  # noqa: E402
     read_metadata,
     write_metadata,
 )
+from monai_ecrm.record import resolve_network_kwargs  # noqa: E402
 from monai_ecrm.transforms import NORMALIZATIONS, infer_transforms  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "polyp_ecrm"
 ARGS_FILE = BUNDLE / "configs" / "onnx_export.json"
-#: a small network: EfficientNet-Lite0 encoder, ECRM as wide as its deepest map, narrow attention and decoder
+#: a small network: EfficientNet-Lite0 encoder, ECRMUNet's default ECRM (the 1/16 map, as wide as it; memory written
+#: from the label; the attention supervised, computed explicitly), narrow attention and decoder
 KWARGS = {
     "backbone": "efficientnet-lite0",
-    "ecrm_channels": 320,
     "bank_size": 4,
     "key_channels": 64,
     "decoder_channels": [64, 32, 16, 16, 8],
@@ -48,7 +49,6 @@ KWARGS = {
 #: the same network as config overrides of the bundle's inference.json (MONAI's `--id value` arguments)
 OVERRIDES = {
     "backbone": "efficientnet-lite0",
-    "ecrm_channels": 320,
     "bank_size": 4,
     "network_def#key_channels": 64,
     "network_def#decoder_channels": [64, 32, 16, 16, 8],
@@ -100,8 +100,8 @@ def trained() -> ECRMUNet:
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
     for step in range(25):
         pictures, masks = blob_pictures(8, TRAIN_SIZE, TRAIN_SIZE, seed=step)
-        logits = net(torch.from_numpy(normalised(pictures)))
         target = torch.from_numpy(masks[:, None].astype(np.float32))
+        logits = net(torch.from_numpy(normalised(pictures)), labels=target)
         loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(5.0))
         optimizer.zero_grad()
         loss.backward()
@@ -189,7 +189,7 @@ def test_metadata_round_trip_replaces_the_record_and_keeps_other_entries(exporte
     onnx.save(model, str(path))
     record = read_metadata(path)
     assert record["schema_version"] == 1 and record["precision"] == "float32"
-    assert record["network"]["kwargs"] == KWARGS
+    assert record["network"]["kwargs"] == resolve_network_kwargs(KWARGS), "every argument stated, none to guess"
     assert record["preprocessing"]["mean"] == list(NORMALIZATIONS["lite"][0])
     assert record["memory"] == {"slots": 4, "filled": 4, "sources": None}
     record["memory"]["sources"] = ["case_a", "case_b"]
@@ -232,7 +232,7 @@ def test_monai_bundle_onnx_export_command_then_record(trained, tmp_path):
     main(["record", "--model", str(out), *common, *overrides])
     session, record = load_onnx_session(out, threads=1)
     assert record["network"]["kwargs"]["backbone"] == "efficientnet-lite0"
-    assert record["preprocessing"]["spatial_size"] == [352, 352] and record["threshold"] == 0.5
+    assert record["preprocessing"]["spatial_size"] == [256, 256] and record["threshold"] == 0.5
     assert record["memory"]["filled"] == 4 and record["source"]["checkpoint"] == "model.pt"
     image = normalised(blob_pictures(1, 500, 574, seed=7)[0])
     with torch.no_grad():

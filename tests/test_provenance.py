@@ -12,12 +12,13 @@ import torch.nn.functional as F
 
 from monai_ecrm.handlers import refresh_memory
 from monai_ecrm.networks.blocks import MemoryBank
-from monai_ecrm.networks.nets import ECRMUNet
+from monai_ecrm.networks.nets import DCRNET_ECRM_OPTIONS, ECRMUNet
 
 
 def _net(**kwargs) -> ECRMUNet:
+    """A tiny ECRMUNet with DCRNet's block (filled without labels below); ``kwargs`` override any option."""
     torch.manual_seed(0)
-    options = {"backbone": "resnet10", "bank_size": 6, "ecrm_channels": 16, "key_channels": 8}
+    options = {"backbone": "resnet10", "bank_size": 6, "ecrm_channels": 16, "key_channels": 8, **DCRNET_ECRM_OPTIONS}
     options.update(kwargs)
     return ECRMUNet(decoder_channels=(16,) * 5, **options)
 

@@ -19,7 +19,7 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
 from monai_ecrm.handlers import ModelRecordHandler
-from monai_ecrm.networks.nets import ECRMUNet
+from monai_ecrm.networks.nets import DCRNET_ECRM_OPTIONS, ECRMUNet
 from monai_ecrm.record import (
     TORCHSCRIPT_EXTRA_FILE,
     RecordConflictError,
@@ -38,9 +38,12 @@ from monai_ecrm.record import (
 
 #: the configurations the README and the accuracy study document, by name
 CONFIGURATIONS = {
+    "defaults": {},
+    "lite0_defaults": {"backbone": "efficientnet-lite0"},
     "resnet18": {"backbone": "resnet18", "bank_size": 6},
-    "resnet34_icrm": {"backbone": "resnet34", "use_icrm": True},
-    "lite0_320": {"backbone": "efficientnet-lite0", "ecrm_channels": 320},
+    "resnet18_dcrnet": {"backbone": "resnet18", "bank_size": 6, **DCRNET_ECRM_OPTIONS},
+    "resnet34_icrm": {"backbone": "resnet34", "use_icrm": True, **DCRNET_ECRM_OPTIONS},
+    "lite0_320": {"backbone": "efficientnet-lite0", "ecrm_channels": 320, **DCRNET_ECRM_OPTIONS},
     "lite0_320_stride16": {"backbone": "efficientnet-lite0", "ecrm_channels": 320, "memory_stride": 16},
     "resnet34_stride16": {"backbone": "resnet34", "memory_stride": 16},
     "label_prototypes_background": {"backbone": "resnet18", "prototypes": "label", "background_tokens": True},
@@ -108,8 +111,9 @@ def test_not_an_ecrm_unet_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def lite0_network():
+    """The accuracy protocol's network (the reference weights'): Lite0, DCRNet's ECRM block on the 1/32 map."""
     torch.manual_seed(1)
-    return _filled(ECRMUNet(backbone="efficientnet-lite0", ecrm_channels=320, bank_size=4))
+    return _filled(ECRMUNet(backbone="efficientnet-lite0", ecrm_channels=320, bank_size=4, **DCRNET_ECRM_OPTIONS))
 
 
 def _save(kind: str, network: ECRMUNet, folder):
@@ -174,7 +178,7 @@ def test_a_flag_that_contradicts_the_record_is_refused_and_one_it_lacks_is_taken
     derived = record_from_state_dict(lite0_network.state_dict())
     _, bare = load_network(path, flags={"spatial_size": 256})
     assert bare["preprocessing"]["spatial_size"] == [256, 256], "without a record the flag states the size"
-    write_record(tmp_path, make_record(derived["network"]["kwargs"], spatial_size=64))
+    write_record(tmp_path, make_record(merge_record(derived)["network"]["kwargs"], spatial_size=64))
     assert (tmp_path / "model.json").is_file()
     with pytest.raises(RecordConflictError) as error:
         load_network(path, flags={"spatial_size": 352}, labels={"flags": "the command line"})
@@ -190,10 +194,75 @@ def test_a_flag_that_contradicts_the_record_is_refused_and_one_it_lacks_is_taken
 
 def test_a_record_that_does_not_belong_to_the_weights_is_refused(lite0_network, tmp_path):
     path = _save("flat", lite0_network, tmp_path)
-    write_record(path, make_record({"backbone": "efficientnet-lite0", "ecrm_channels": 320, "bank_size": 20}, 64))
+    other = {"backbone": "efficientnet-lite0", "ecrm_channels": 320, "bank_size": 20, **DCRNET_ECRM_OPTIONS}
+    write_record(path, make_record(other, 64))
     with pytest.raises(RecordConflictError) as error:
         ECRMUNet.from_checkpoint(path)
     assert "bank_size" in str(error.value) and "4" in str(error.value) and "20" in str(error.value)
+
+
+def _aux_and_logits(network: ECRMUNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    captured = []
+    handle = network.ecrm.register_forward_hook(lambda module, args, output: captured.append(output[1]))
+    with torch.no_grad():
+        logits = network(x)
+    handle.remove()
+    return logits, captured[0]
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet-lite0", "resnet18"])
+def test_a_model_file_that_does_not_state_the_ecrm_options_is_read_as_the_dcrnet_block(backbone, tmp_path):
+    """Model files written before ECRMUNet's defaults changed (a seed-layout or older model.pt, no record) do not say
+    how their memory was written nor whether the attention gave the coarse mask: they must be read as what they were,
+    DCRNet's block, never as today's defaults (whose coarse mask is another computation)."""
+    torch.manual_seed(4)
+    network = _filled(ECRMUNet(backbone=backbone, bank_size=4, key_channels=64, **DCRNET_ECRM_OPTIONS))
+    path = tmp_path / "model.pt"
+    torch.save(network.state_dict(), path)
+    assert read_record(path) is None
+    x = torch.rand(2, 3, 64, 64)
+    expected = _aux_and_logits(network, x)
+    for loaded, record in (load_network(path), (ECRMUNet.from_checkpoint(path), None)):
+        kwargs = {key: getattr(loaded.ecrm, key) for key in ("prototypes", "background_tokens", "supervise_attention")}
+        assert kwargs == {"prototypes": "coarse", "background_tokens": False, "supervise_attention": False}
+        assert loaded.memory_stride == 32 and not loaded.ecrm.attend_first and loaded.ecrm.context_start == "full"
+        logits, aux = _aux_and_logits(loaded, x)
+        assert torch.equal(logits, expected[0]) and torch.equal(aux, expected[1]), "the same outputs, aux included"
+        if record is not None:
+            resolved = {key: record["network"]["kwargs"][key] for key in DCRNET_ECRM_OPTIONS}
+            assert resolved == {**DCRNET_ECRM_OPTIONS, "memory_stride": 32, "attend_first": False}
+
+
+def test_a_record_without_the_ecrm_options_states_the_dcrnet_values(lite0_network, tmp_path):
+    """A record written without an option (from a partial configuration, e.g. an older ONNX file's) had the DCRNet
+    value: the merged record says so, lists what the weights cannot confirm as assumed, and refuses a flag against
+    it."""
+    derived = record_from_state_dict(lite0_network.state_dict())
+    written = make_record(merge_record(derived)["network"]["kwargs"], spatial_size=64)
+    for key in ("memory_stride", "prototypes", "background_tokens", "supervise_attention", "attend_first"):
+        del written["network"]["kwargs"][key]
+    merged = merge_record(None, written)
+    kwargs = merged["network"]["kwargs"]
+    assert (kwargs["memory_stride"], kwargs["prototypes"], kwargs["supervise_attention"]) == (32, "coarse", False)
+    assert {"network.kwargs.memory_stride", "network.kwargs.background_tokens"} <= set(merged["assumed"])
+    assert merge_record(derived, written)["network"]["kwargs"] == kwargs
+    with pytest.raises(RecordConflictError, match="prototypes"):
+        merge_record(derived, written, {"prototypes": "label"})
+    path = _save("flat", lite0_network, tmp_path)
+    write_record(path, written)
+    assert ECRMUNet.from_checkpoint(path).ecrm.prototypes == "coarse"
+
+
+def test_a_default_network_round_trips_with_its_record(tmp_path):
+    torch.manual_seed(5)
+    network = _filled(ECRMUNet(backbone="resnet18", bank_size=4, key_channels=64))
+    path = tmp_path / "model.pt"
+    torch.save(network.state_dict(), path)
+    write_record(path, make_record(record_from_network(network)["network"]["kwargs"], spatial_size=64))
+    loaded = ECRMUNet.from_checkpoint(path)
+    assert (loaded.memory_stride, loaded.ecrm.prototypes, loaded.ecrm.supervise_attention) == (16, "label", True)
+    x = torch.rand(2, 3, 64, 64)
+    assert all(map(torch.equal, _aux_and_logits(loaded, x), _aux_and_logits(network, x)))
 
 
 def test_records_are_written_atomically_and_read_back(tmp_path):
@@ -293,7 +362,7 @@ def test_handler_writes_the_record_at_start_and_completes_it(tmp_path):
 
 
 def test_the_bundle_records_the_overridden_values(tmp_path):
-    """``--spatial_size 64`` on the command line (the config file says 352) is what models/model.json says."""
+    """``--spatial_size 64`` on the command line (the config file says 256) is what models/model.json says."""
     repo = Path(__file__).resolve().parents[1]
     bundle = tmp_path / "polyp_ecrm"
     for part in ("configs", "docs"):
@@ -306,7 +375,7 @@ def test_the_bundle_records_the_overridden_values(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = read_record(bundle / "models")
-    assert record["preprocessing"]["spatial_size"] == [64, 64], "the override, not the config file's 352"
+    assert record["preprocessing"]["spatial_size"] == [64, 64], "the override, not the config file's 256"
     assert record["network"]["kwargs"]["backbone"] == "resnet18" and record["network"]["kwargs"]["bank_size"] == 6
     assert record["training"]["completed"] is True and record["training"]["steps"] == 1
     assert "SYNTHETIC" in record["training"]["description"]
@@ -316,7 +385,7 @@ def test_the_bundle_records_the_overridden_values(tmp_path):
     with pytest.raises(RecordConflictError, match="352"):
         load_network(bundle / "models" / "model.pt", flags={"spatial_size": 352})
 
-    # the line proposed for inference.json's initialize list: its own 352 px and resnet34 against the trained model
+    # the line proposed for inference.json's initialize list: its own 256 px and resnet34 against the trained model
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     parser.update({"bundle_root": str(bundle), "backbone": "resnet18", "bank_size": 6})
@@ -328,7 +397,7 @@ def test_the_bundle_records_the_overridden_values(tmp_path):
             parser.get_parsed_content("check_record")
         return isinstance(error.value.__cause__, RecordConflictError) and value in str(error.value.__cause__)
 
-    assert refused("352"), "the config's 352 px against the 64 px the model was trained at"
+    assert refused("256"), "the config's 256 px against the 64 px the model was trained at"
     parser["spatial_size"] = 64
     assert parser.get_parsed_content("check_record")["preprocessing"]["spatial_size"] == [64, 64]
     parser["backbone"] = "resnet34"

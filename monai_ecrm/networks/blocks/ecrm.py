@@ -115,7 +115,10 @@ class ECRM(nn.Module):
     The memory projections are linear layers without normalisation: the seed listing used BatchNorm1d over the
     memory slots, which fails with one slot and makes the memory's keys depend on which slots are filled.
 
-    Variants (constructor options; the defaults are the DCRNet block):
+    Variants (constructor options; this block's defaults are the published DCRNet block). ``ECRMUNet``'s defaults are
+    another option set, the accuracy study's choice: ``prototypes="label"``, ``background_tokens=True``,
+    ``supervise_attention=True`` (on the 1/16 map); ``monai_ecrm.networks.nets.DCRNET_ECRM_OPTIONS`` gives it this
+    block's.
 
     - ``context_start``: how the memory's contribution starts. ``"full"`` (DCRNet): the fusion convolution of the
       context is initialised like every other layer. ``"gate"``: the projected context is multiplied by a learnable
@@ -142,6 +145,14 @@ class ECRM(nn.Module):
       foreground, and the network learns to ignore the memory). Needs ``prototypes="label"`` (the coarse conv then
       feeds nothing) and ``background_tokens``; with an empty memory the coarse conv's mask is output instead. The
       attention is computed explicitly (cheap at the memory level: positions x slots x classes).
+
+    Distributed training: which parameters a training step uses changes with the memory (an empty memory leaves the
+    memory projections aside; with ``supervise_attention`` the coarse convolution stands aside once the memory fills),
+    so ``DistributedDataParallel`` needs ``find_unused_parameters=True`` for these variants (the bundle's
+    ``multi_gpu_train.json`` sets it); DCRNet's block uses every parameter at every step and works with DDP's default
+    too. In training the coarse convolution reaches the output with weight 0 (the values are unchanged), so that it
+    takes part in every step: the search for unused parameters starts from the output, and the aux loss reaches the
+    coarse mask through a hook.
 
     When a sample's output depends on the rest of the batch: in eval mode never (the memory is frozen, BatchNorm uses
     its running statistics). In training it does through BatchNorm's batch statistics, and, with ``attend_first=False``,
@@ -250,7 +261,8 @@ class ECRM(nn.Module):
         ``sources`` ``[B]`` (training only): integer case identities recorded beside the prototypes written
         (``MemoryBank.sources``, for provenance); ``None`` records them as unknown.
         """
-        aux_logits = self.coarse(x)
+        coarse_logits = self.coarse(x)
+        aux_logits = coarse_logits
         features = self.embed(x)
         if self.training and not self.attend_first:
             self.write(aux_logits, features, labels, sources)
@@ -266,7 +278,18 @@ class ECRM(nn.Module):
         fused = self.fuse_features(features) + projected
         if self.training and self.attend_first:
             self.write(aux_logits, features, labels, sources)
-        return self.fuse_norm_act(fused), aux_logits
+        output = self.fuse_norm_act(fused)
+        if self.training:
+            # the coarse convolution reaches the output with weight 0 (values unchanged, each sample its own), so
+            # that it takes part in every training step: DistributedDataParallel(find_unused_parameters=True) finds a
+            # step's parameters from the network's output, and the aux loss, which takes the coarse mask through a
+            # forward hook, would otherwise give a gradient to a convolution it took for unused ("marked as ready
+            # twice"); and with supervise_attention, where the attention's log-odds replace its mask, the convolution
+            # gets a (zero) gradient at every step whether or not the run was resumed, so a resumed run's optimizer
+            # treats it as an uninterrupted run's does
+            zero = coarse_logits.flatten(1).sum(1) * 0.0
+            output = output + zero.reshape([-1] + [1] * (output.dim() - 1)).to(output.dtype)
+        return output, aux_logits
 
     def write(
         self,

