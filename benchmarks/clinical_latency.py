@@ -23,7 +23,9 @@ Prints one JSON object:
 - ``machine``: CPUs this process may use and the load average when the benchmark starts: the figures are wall times,
   so a loaded machine inflates them (on 2 CPUs with other jobs running, the network's threads wait for each other).
 
-The network is the bundle's architecture (``ECRMUNet``, ``--backbone`` resnet34, 20 memory slots) with random weights:
+The network is ``ECRMUNet`` with its default ECRM (the study's variant on the 1/16 map; the bundle's encoder is
+efficientnet-lite0, ``--backbone`` here defaults to resnet34 as in the figures reported), 20 memory slots, random
+weights:
 the timing does not depend on them. It runs with torch's default threads (``torch_threads``; one per CPU, or
 ``OMP_NUM_THREADS``): fewer threads make the network slower and so the ratios smaller, which is no gain.
 The sample is read from ``../shared/data/dicom_samples`` (``--sample`` to change); the sample part is left out with

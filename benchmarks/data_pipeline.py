@@ -81,7 +81,9 @@ def _train_loop(dataset, args: argparse.Namespace) -> dict:
             images = batch["image"].as_tensor().to(device, non_blocking=True)
             labels = batch["label"].as_tensor().to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_function(network(images), labels)
+            # ECRMUNet's default ECRM writes its memory from the label in training
+            outputs = network(images, labels=labels) if name.startswith("monai_ecrm") else network(images)
+            loss = loss_function(outputs, labels)
             loss.backward()
             optimizer.step()
             if device.type == "cuda":

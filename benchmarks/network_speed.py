@@ -4,10 +4,13 @@ Issue #3: inference frames/s (batch 1, eval, no_grad) and training images/s (bat
 forward + BCE-with-logits loss + backward + SGD step) at ``--size`` for
 
 * ``ecrm_unet/resnet34``: ``ECRMUNet(backbone="resnet34", use_icrm=False, bank_size=20)`` with a filled memory
-  (random contents, ``filled == bank_size``, as in a trained model);
-* ``no_ecrm/resnet34``: ``ECRMUNet(use_ecrm=False)``, the same network with an identity in place of ECRM (the
-  resnet34 deepest map already has the 512 channels ECRM outputs): same torchvision-layout encoder, same decoder,
-  so the difference is the ECRM block alone. This is the apples-to-apples baseline;
+  (random contents, ``filled == bank_size``, as in a trained model): ECRMUNet's default ECRM, the study's variant (the
+  1/16 map, ``ecrm_channels`` following it: 256; polyp and background tokens; the attention computed explicitly, its
+  log-odds the coarse mask; in training the label writes the memory, so the training step passes it). The figures
+  measured before ECRMUNet's defaults changed are of DCRNet's block (the 1/32 map, 512 channels, SDPA);
+* ``no_ecrm/resnet34``: ``ECRMUNet(use_ecrm=False)``, the same network with an identity in place of ECRM (the memory
+  level goes straight to the decoder; ECRM outputs that level's channel count): same torchvision-layout encoder, same
+  decoder, so the difference is the ECRM block alone. This is the apples-to-apples baseline;
 * ``flexible_unet/resnet34``: MONAI's ``FlexibleUNet(in_channels=3, out_channels=1, backbone="resnet34")``, whose
   encoder uses MedicalNet's parameter-free shortcut A (slightly lighter than the torchvision projection shortcuts).
 
@@ -78,11 +81,6 @@ def worker(model: str, mode: str, args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     net = _build(model, args.bank_size)
-    if model.startswith("no_ecrm/"):
-        # the identity stand-in is exact only where the deepest map has ECRM's 512 output channels
-        probe = net.encoder(torch.zeros(1, 3, 64, 64))[-1]
-        if probe.shape[1] != 512:
-            raise ValueError(f"identity stand-in needs 512 deepest channels, {model} has {probe.shape[1]}")
     n_params = sum(p.numel() for p in net.parameters())
     size = args.size
     if mode == "inference":
@@ -102,9 +100,12 @@ def worker(model: str, mode: str, args: argparse.Namespace) -> None:
         loss_fn = torch.nn.BCEWithLogitsLoss()
         opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
 
+        # ECRMUNet's default ECRM writes its memory from the label in training
+        extra = {"labels": target} if model.startswith("ecrm_unet/") else {}
+
         def step() -> None:
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), target)
+            loss = loss_fn(net(x, **extra), target)
             loss.backward()
             opt.step()
 

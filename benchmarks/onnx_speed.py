@@ -11,6 +11,12 @@ present, else synthetic pictures. Then frames/s at batch 1 for
 * ``ort_fp32`` and ``ort_int8``: :func:`monai_ecrm.onnx.load_onnx_session` (``ORT_ENABLE_ALL``, ``--threads``
   intra-op threads, one inter-op thread).
 
+The network is ``ECRMUNet``'s defaults with 20 memory slots: the study's ECRM on the 1/16 map, ``ecrm_channels``
+following that level (resnet34: 256, efficientnet-lite0: 112), a polyp and a background token per slot, and the
+attention computed explicitly (``supervise_attention``: its log-odds are the coarse mask), not by the SDPA kernel.
+``--network-kwargs`` changes any option (DCRNet's block on the 1/32 map: ``DCRNET_ECRM_OPTIONS`` as JSON; the figures
+measured before ECRMUNet's defaults changed are of that block with 512 / 320 ECRM channels).
+
 ``torch.set_num_threads(--threads)`` for PyTorch. The engines of one (backbone, size) run in blocks, ``--rounds``
 rounds of ``--repeats / --rounds`` timed frames per engine, the order rotating each round, so that load from other
 processes falls on all of them alike; each block starts with one untimed frame, because both runtimes' thread pools
@@ -64,8 +70,6 @@ E2E_PICTURE_SIZE = (530, 620)
 
 ENGINES = ("torch_fp32", "torch_bf16", "ort_fp32", "ort_int8")
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir_seg"
-#: network options per backbone (the rest are ECRMUNet's defaults): ECRM as wide as the deepest encoder map
-BACKBONE_KWARGS = {"resnet34": {"ecrm_channels": 512}, "efficientnet-lite0": {"ecrm_channels": 320}}
 TARGETS = {"ort_fp32_vs_torch_fp32": 1.5, "ort_int8_vs_torch_fp32": 3.0, "ort_int8_vs_torch_bf16": 1.0}
 LITE0_INT8_352_FPS = 40.0
 
@@ -73,7 +77,7 @@ LITE0_INT8_352_FPS = 40.0
 def build(backbone: str, weights: str | None, network_kwargs: dict) -> tuple[ECRMUNet, dict]:
     """The network in eval mode with a filled memory, and its construction arguments."""
     torch.manual_seed(0)
-    kwargs = {"backbone": backbone, "bank_size": 20, **BACKBONE_KWARGS.get(backbone, {}), **network_kwargs}
+    kwargs = {"backbone": backbone, "bank_size": 20, **network_kwargs}
     net = ECRMUNet(**kwargs)
     if weights:
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -284,7 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=int, default=16, help="INT8 calibration images (16)")
     parser.add_argument("--data", type=Path, default=DATA, help="Kvasir-SEG folder for the calibration images")
     parser.add_argument("--weights", help="a state dict of ECRMUNet (e.g. the bundle's models/model.pt)")
-    parser.add_argument("--network-kwargs", type=json.loads, default={}, help="JSON: ECRMUNet options of --weights")
+    parser.add_argument(
+        "--network-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON: ECRMUNet options other than its defaults (those of --weights; DCRNet's block: "
+        '{"memory_stride": null, "prototypes": "coarse", "background_tokens": false, "supervise_attention": false})',
+    )
     parser.add_argument("--quantize-attention", action="store_true", help="quantise the memory attention too")
     parser.add_argument("--profile", type=Path, help="folder for ONNX Runtime profiler traces")
     parser.add_argument("--keep", type=Path, help="keep the exported models in this folder")

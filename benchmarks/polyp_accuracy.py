@@ -20,8 +20,11 @@ Protocol (issue #11)
     Models (``--models``), all with the ``--backbone`` encoder (efficientnet-lite0), ImageNet weights or random
     init (``--init pretrained,random``), seeded by the run's seed:
 
-    - ``ecrm``: ``ECRMUNet(backbone, bank_size, ecrm_channels)``; after training its memory is rebuilt with the
-      final weights from the last ``--bank-size`` training images (``monai_ecrm.handlers.refresh_memory``);
+    - ``ecrm``: ``ECRMUNet(backbone, bank_size, ecrm_channels, <ECRM options>)``, every option passed explicitly:
+      the command line's, DCRNet's block by default (``DCRNET_ECRM_OPTIONS``; ECRMUNet's own defaults, the study's
+      choice, are ``--memory-stride 16 --prototypes label --background-tokens --supervise-attention``); after
+      training its memory is rebuilt with the final weights from the last ``--bank-size`` training images
+      (``monai_ecrm.handlers.refresh_memory``);
     - ``no_ecrm``: the same network (same construction, hence the same initial encoder and decoder weights for a
       seed) with ``net.ecrm`` replaced by an identity stand-in, so the deepest encoder map goes straight to the
       decoder; ``--ecrm-channels`` defaults to the encoder's deepest channels (320) so both decoders are identical;
@@ -80,7 +83,7 @@ from monai_ecrm.data import folder_datalist, split_datalist
 from monai_ecrm.handlers import refresh_batchnorm, refresh_memory
 from monai_ecrm.handlers.aux_supervision import aux_to_label_size
 from monai_ecrm.metrics.evaluation import TABLE_HEADERS, score_pair, summarize
-from monai_ecrm.networks.nets import ECRMUNet
+from monai_ecrm.networks.nets import DCRNET_ECRM_OPTIONS, ECRMUNet
 from monai_ecrm.networks.nets.ecrm_unet import NoECRM
 from monai_ecrm.transforms import (
     NORMALIZATIONS,
@@ -103,16 +106,13 @@ KEY_CHANNELS = 256
 #: version of the memory-use and BatchNorm diagnostics (2: the Dice of both sides computed from logits);
 #: --rediagnose recomputes runs with an older one
 DIAGNOSTICS_VERSION = 2
-#: ECRMUNet's variant options at their DCRNet values (not recorded in a run's configuration)
-DEFAULT_ECRM_OPTIONS = {
-    "memory_stride": None,
-    "context_start": "full",
-    "prototypes": "coarse",
-    "background_tokens": False,
-    "attend_first": None,
-    "supervise_attention": False,
-}
+#: the command line's ECRM options, DCRNet's block (ECRMUNet's defaults when the protocol was written, not its defaults
+#: now): a run's configuration records only the options that differ from them, so earlier runs keep their configuration
+DEFAULT_ECRM_OPTIONS = dict(DCRNET_ECRM_OPTIONS)
 SUITE = tuple(TABLE_HEADERS)  # metric keys in the papers' column order
+#: the ECRM options the bundle's configs state as top-level values (``--memory_stride`` ...; ``attend_first`` follows
+#: ``prototypes`` there)
+BUNDLE_ECRM_KEYS = ("memory_stride", "context_start", "prototypes", "background_tokens", "supervise_attention")
 
 
 # ---------------------------------------------------------------------------------------------------------- networks
@@ -1055,6 +1055,7 @@ def save_best(results: Sequence[dict[str, Any]], path: Path, work_dir: Path) -> 
     torch.save(state, path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     network = best["network"]
+    options = {**DEFAULT_ECRM_OPTIONS, **network}
     info = {
         "path": str(path),
         "sha256": digest,
@@ -1074,6 +1075,8 @@ def save_best(results: Sequence[dict[str, Any]], path: Path, work_dir: Path) -> 
             "use_icrm": network["use_icrm"],
             "network_def#ecrm_channels": network["ecrm_channels"],
             "network_def#key_channels": network["key_channels"],
+            # the bundle's ECRM options are its defaults' (the study's variant): the run's are stated, whatever they are
+            **{key: options[key] for key in BUNDLE_ECRM_KEYS},
             "spatial_size": best["size"],
         },
     }

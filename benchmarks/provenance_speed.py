@@ -2,8 +2,10 @@
 memory slot's attention share from ONE forward, what ``memory_attention`` and ``--explain`` run) against the normal
 forward, and ``monai-ecrm-infer --explain 3`` against the same job without it.
 
-For each backbone: an ``ECRMUNet`` in eval mode whose memory is filled (random prototypes in every slot, as in a
-trained model, or the memory of ``--weights``) and named after the first ``bank_size`` Kvasir-SEG training pictures
+For each backbone: an ``ECRMUNet`` in eval mode (``onnx_speed.build``: ECRMUNet's defaults, the study's ECRM on the
+1/16 map with ``ecrm_channels`` following the level, polyp and background tokens, the attention computed explicitly;
+``--network-kwargs`` changes them) whose memory is filled (random prototypes in every slot, as in a trained model, or
+the memory of ``--weights``) and named after the first ``bank_size`` Kvasir-SEG training pictures
 (synthetic names without ``--data``), so that ``--explain`` draws real thumbnails.
 
 * ``network``: frames/s at batch 1, ``--size`` px, ``--threads`` threads, of ``forward`` and ``forward_with_shares``
