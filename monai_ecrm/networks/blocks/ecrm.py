@@ -308,7 +308,7 @@ class ECRM(nn.Module):
                     "ECRM(prototypes='label'): training needs the label, network(images, labels=labels) (in a MONAI "
                     "trainer: prepare_batch=monai_ecrm.bundle.training_prepare_batch(network, labels=True), or MONAI's "
                     "PrepareBatchExtraInput({'labels': 'label'}); for the memory refresh: items with a 'label'). "
-                    "ECRMUNet.dcrnet() or prototypes='coarse' write the memory from the coarse mask instead."
+                    "ECRMUNet.dcrnet() or ECRMUNet(**DCRNET_ECRM_OPTIONS) write it from the coarse mask instead."
                 )
             size = [int(s) for s in features.shape[2:]]
             fractions = label_weights(labels, self.num_classes, size, self.background_tokens)
