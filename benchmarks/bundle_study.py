@@ -219,12 +219,12 @@ def run_one(model: str, seed: int, args: argparse.Namespace, datalist: Path) -> 
 
 def validation_curve(log: Path, epoch_length: int) -> list[list[float]]:
     """``[step, val_mean_dice]`` at the end of every epoch, read from the training log (the evaluator's
-    ``Epoch[N] Metrics -- val_mean_dice: X`` lines; a resumed run's repeated epochs keep their last value)."""
+    ``Epoch[N] Metrics -- ... val_mean_dice: X`` lines; a resumed run's repeated epochs keep their last value)."""
     import re
 
     values: dict[int, float] = {}
     if log.is_file():
-        for match in re.finditer(r"Epoch\[(\d+)\] Metrics -- val_mean_dice: ([0-9.]+)", log.read_text()):
+        for match in re.finditer(r"Epoch\[(\d+)\] Metrics -- [^\n]*?val_mean_dice: ([0-9.]+)", log.read_text()):
             values[int(match.group(1))] = float(match.group(2))
     return [[epoch * epoch_length, value] for epoch, value in sorted(values.items())]
 
@@ -269,7 +269,7 @@ def _add_diagnostics(
         result["wall_seconds_epochs"] = training_seconds(run_dir / "run.log")
         result["wall_seconds"] = result["wall_seconds_epochs"] or result.get("wall_seconds")
         added = True
-    if "val_dice" not in result:
+    if not result.get("val_dice"):
         steps = result.get("steps") or 0
         epoch_length = steps // max(args.epochs, 1) if steps else 0
         curve = validation_curve(run_dir / "run.log", epoch_length)
