@@ -52,10 +52,10 @@ class AutocastInferer(Inferer):
 
 class ExplainingInferer(AutocastInferer):
     """:class:`AutocastInferer` that, when ``explain`` is on, runs the network's
-    :meth:`~monai_ecrm.networks.nets.ECRMUNet.forward_with_shares` instead of its forward: the same logits (up to
-    floating-point rounding) and, from the same forward, each memory slot's share of ECRM's attention over the
-    predicted polyp, kept in :attr:`shares` (``[B, bank_size]``, float32, CPU) until the next batch. It returns the
-    logits alone, so the evaluator's post-processing, metrics and writers see what they see with
+    :meth:`~monai_ecrm.networks.nets.ECRMUNet.forward_with_shares` instead of its forward: the same logits (bit for
+    bit: ECRM runs its own forward there) and, from the same forward, each memory slot's share of ECRM's attention
+    over the predicted polyp, kept in :attr:`shares` (``[B, bank_size]``, float32, CPU) until the next batch. It
+    returns the logits alone, so the evaluator's post-processing, metrics and writers see what they see with
     :class:`AutocastInferer`.
 
     Why the shares are kept here, for :class:`~monai_ecrm.handlers.MemoryExplanationHandler` to read at
@@ -91,10 +91,10 @@ class ExplainingInferer(AutocastInferer):
 
 
 def _forward_with_shares(network: Any) -> Callable[..., Any] | None:
-    """The network's ``forward_with_shares`` (through a ``DistributedDataParallel`` wrapper), ``None`` when it cannot
-    give shares."""
-    if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        network = network.module
+    """The network's ``forward_with_shares`` (through DDP/compile wrappers), ``None`` when it cannot give shares."""
+    from monai_ecrm.handlers.aux_supervision import unwrap_network
+
+    network = unwrap_network(network)
     method = getattr(network, "forward_with_shares", None)
     if not callable(method) or not getattr(network, "use_ecrm", False):
         return None
