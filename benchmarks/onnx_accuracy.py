@@ -38,9 +38,7 @@ def _dice(pred: torch.Tensor, gt: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path, help="an accuracy-protocol run folder (final_model.pt)")
-    source.add_argument("--model", type=Path, help="a model file with its record, e.g. a bundle's models/model.pt")
+    pa.add_model_arguments(parser)
     parser.add_argument("--data", type=Path, default=pa.DEFAULT_DATA)
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--num-images", type=int, default=64)
@@ -49,7 +47,7 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, default=0, help="first N images of each test set (0: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model_path = args.model or args.run / "final_model.pt"
+    model_path = pa.model_file(args)
     net, record = load_network(model_path)
     net.eval()
     size = record["preprocessing"]["spatial_size"]

@@ -1037,6 +1037,19 @@ def comparison_cells(comparison: dict[str, Any]) -> tuple[str, str, str, str]:
     return f"{comparison['first']} vs {comparison['second']}", delta, within_dice, count
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--run`` (an accuracy-protocol run folder) or ``--model`` (any model file with its record), for the scripts
+    that evaluate trained weights; :func:`model_file` resolves them."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="an accuracy-protocol run folder (its final_model.pt)")
+    source.add_argument("--model", type=Path, help="a model file with its record, e.g. a bundle's models/model.pt")
+
+
+def model_file(args: argparse.Namespace) -> Path:
+    """The model file of :func:`add_model_arguments`' options."""
+    return args.model or args.run / "final_model.pt"
+
+
 def gather(work_dir: Path) -> list[dict[str, Any]]:
     results = []
     for path in sorted(work_dir.glob("*/result.json")):
