@@ -10,7 +10,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import torch.distributed as dist
 from monai.data import decollate_batch
 from monai.utils import IgniteInfo, min_version, optional_import
@@ -25,6 +24,7 @@ from monai_ecrm.clinical.explain import (
     memory_case_names,
 )
 from monai_ecrm.clinical.writing import PartialFolder
+from monai_ecrm.handlers.aux_supervision import unwrap_network
 from monai_ecrm.inferers import ExplainingInferer
 from monai_ecrm.record import read_record
 
@@ -154,9 +154,7 @@ class MemoryExplanationHandler:
                 f"with explain=True (it keeps the memory's shares of each batch), got {inferer!r}"
             )
         self.inferer = inferer
-        network = engine.network
-        if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            network = network.module
+        network = unwrap_network(engine.network)
         record = read_record(self.model_path) if self.model_path and Path(self.model_path).is_file() else None
         self.rows = []
         self.problem = explain_problem(network, record)
