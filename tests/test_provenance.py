@@ -4,6 +4,7 @@ each slot receives for an image."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -116,7 +117,16 @@ def test_memory_attention_shares_sum_to_one_over_filled_slots_from_one_forward()
     with torch.no_grad():
         assert torch.equal(logits, net.eval()(x)), "the explained logits are the normal forward's"
         level = net.encoder(F.pad(x, [0, 6, 0, 26]))[net.memory_level]
-        torch.testing.assert_close(net.ecrm.slot_weights(net.ecrm.embed(level)), net.ecrm.forward_explained(level)[1])
+        # the slot weights are the attention the forward's SDPA applies: rebuilt explicitly, its context is attend()'s
+        ecrm, embedded = net.ecrm, net.ecrm.embed(level)
+        queries = ecrm.query(embedded)
+        tokens = ecrm.memory.filled_memory().reshape(-1, ecrm.feat_channels)
+        q = queries.flatten(2).transpose(1, 2)
+        attention = torch.softmax(q @ ecrm.memory_key(tokens).T / math.sqrt(ecrm.key_channels), dim=-1)
+        context = (attention @ ecrm.memory_value(tokens)).transpose(1, 2).reshape(queries.shape)
+        torch.testing.assert_close(context, ecrm.attend(embedded), atol=1e-5, rtol=1e-4)
+        per_slot = attention.reshape(3, q.shape[1], int(ecrm.memory.filled), ecrm.memory_classes).sum(dim=-1)
+        torch.testing.assert_close(ecrm.slot_weights(embedded), per_slot)
     for key, value in net.ecrm.memory.state_dict().items():
         assert torch.equal(value, before[key]), f"memory_attention changed {key}"
     torch.testing.assert_close(net.memory_attention(x), shares)

@@ -369,37 +369,13 @@ class ECRM(nn.Module):
         return context.transpose(1, 2).reshape(queries.shape), odds.to(features.dtype), True
 
     @torch.jit.unused
-    def forward_explained(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-mode forward that also returns the attention weights per memory slot: ``(features, weights)`` with
-        ``weights`` ``[B, positions, filled slots]`` (each position's softmax over the memory tokens, summed over a
-        slot's class tokens; slots in storage order). The attention is computed explicitly (``softmax(QK^T/sqrt(d))
-        V``), so the features equal :meth:`forward`'s up to floating-point rounding; never writes the memory."""
-        features = self.embed(x)
-        queries = self.query(features)
-        batch, positions = queries.shape[0], int(torch.tensor(queries.shape[2:]).prod())
-        filled = int(self.memory.filled)
-        if filled == 0:
-            context = torch.zeros_like(queries)
-            weights = queries.new_zeros(batch, positions, 0)
-        else:
-            tokens = self.memory.filled_memory().reshape(-1, self.feat_channels)
-            keys = self.memory_key(tokens).to(queries.dtype)
-            values = self.memory_value(tokens).to(queries.dtype)
-            q = queries.flatten(2).transpose(1, 2)  # [B, P, D]
-            attention = torch.softmax(q @ keys.T / math.sqrt(self.key_channels), dim=-1)  # [B, P, F * K]
-            context = (attention @ values).transpose(1, 2).reshape(queries.shape)
-            weights = attention.reshape(batch, positions, filled, self.memory_classes).sum(dim=-1)
-        projected = self.fuse_context(self.project(context))
-        if self.gated:
-            projected = projected * self.context_gate.to(projected.dtype)
-        return self.fuse_norm_act(self.fuse_features(features) + projected), weights
-
-    @torch.jit.unused
     def slot_weights(self, features: torch.Tensor) -> torch.Tensor:
         """The attention weights per memory slot of embedded features (the output of ``self.embed`` in
         :meth:`forward`): ``[B, positions, filled slots]``, each position's softmax over the memory tokens summed over
-        a slot's class tokens, as :meth:`forward_explained` gives them. Only the queries and keys are computed (no
-        values, no context): run beside a normal forward, it costs a 1x1 projection and one small product."""
+        a slot's class tokens: the attention the forward applies (:meth:`attend`'s SDPA, which never materialises it,
+        or :meth:`attend_with_odds`). Only
+        the queries and keys are computed (no values, no context): run beside a normal forward, it costs a 1x1
+        projection and one small product."""
         queries = self.query(features)
         batch, positions = queries.shape[0], int(torch.tensor(queries.shape[2:]).prod())
         filled = int(self.memory.filled)
@@ -413,7 +389,7 @@ class ECRM(nn.Module):
 
     @torch.jit.unused
     def slot_shares(self, weights: torch.Tensor, position_weights: torch.Tensor) -> torch.Tensor:
-        """``[B, bank_size]`` shares from :meth:`forward_explained`'s ``weights`` ``[B, P, F]`` and per-position
+        """``[B, bank_size]`` shares from :meth:`slot_weights`' ``weights`` ``[B, P, F]`` and per-position
         weights ``[B, 1, *spatial]`` at the memory level: the weighted mean over positions, normalised to sum to 1
         over the filled slots (0 for empty slots, and an all-zero row where the position weights sum to 0)."""
         batch = weights.shape[0]
