@@ -373,9 +373,8 @@ class ECRM(nn.Module):
         """The attention weights per memory slot of embedded features (the output of ``self.embed`` in
         :meth:`forward`): ``[B, positions, filled slots]``, each position's softmax over the memory tokens summed over
         a slot's class tokens: the attention the forward applies (:meth:`attend`'s SDPA, which never materialises it,
-        or :meth:`attend_with_odds`). Only
-        the queries and keys are computed (no values, no context): run beside a normal forward, it costs a 1x1
-        projection and one small product."""
+        or :meth:`attend_with_odds`). Only the queries and keys are computed (no values, no context): run beside a
+        normal forward, it costs a 1x1 projection and one small product."""
         queries = self.query(features)
         batch, positions = queries.shape[0], int(torch.tensor(queries.shape[2:]).prod())
         filled = int(self.memory.filled)
