@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from monai_ecrm.clinical.explain import NOTE_COLUMN, CasePictures, ExplainingRunner
+from monai_ecrm.clinical.explain import NOTE_COLUMN, CasePictures, ExplainingRunner, explain_messages
 from monai_ecrm.clinical.job import ClinicalInference
 from monai_ecrm.clinical.report import REPORT_NAME, InputResult, write_report
 from monai_ecrm.clinical.runner import (
@@ -387,22 +387,10 @@ def _explaining(args: argparse.Namespace, model: _Model, device: str) -> tuple[E
     if runner.problem:
         logger.warning("explain: %s; masks written without explanations (report.csv: %s)", runner.problem, NOTE_COLUMN)
         return runner, None
-    filled = len(runner.names)
-    if args.explain > filled:
-        logger.info("explain: --explain %d: the memory holds %d cases: all %d shown", args.explain, filled, filled)
     dataset_dir = (model.record.get("training") or {}).get("dataset_dir")
     pictures = CasePictures([*(args.explain_root or []), dataset_dir])
-    found = sum(pictures.path(name) is not None for name in runner.names if name is not None)
-    looked = ", ".join(map(str, pictures.roots)) or "no folder: no --explain-root, no training folder in the record"
-    if found:
-        logger.info("explain: pictures of %d of %d memory cases found (in %s)", found, filled, looked)
-    else:
-        logger.info(
-            "explain: pictures of 0 of %d memory cases found (looked in %s): their names are shown; --explain-root DIR "
-            "names the folder of the training pictures",
-            filled,
-            looked,
-        )
+    for message in explain_messages(runner.names, args.explain, pictures, "--explain", "--explain-root"):
+        logger.info(message)
     return runner, pictures
 
 

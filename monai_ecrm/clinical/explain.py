@@ -225,6 +225,26 @@ class ExplainingRunner(TorchRunner):
         return FrameOutput(logits[0].float(), explanation.columns(), explanation)
 
 
+def explain_messages(
+    names: list[str | None], top_k: int, pictures: CasePictures | None, option: str, root_option: str
+) -> list[str]:
+    """The ``explain`` log lines of a run, shared by the command and the bundle's handler: how many memory cases
+    ``top_k`` can show and how many of their pictures were found under ``pictures.roots``. ``option`` and
+    ``root_option`` name the settings as the user gave them (``--explain``/``--explain-root`` or the bundle's
+    ``explain``/``--explain_root``)."""
+    filled = len(names)
+    messages = []
+    if top_k > filled:
+        messages.append(f"explain: {option} {top_k}: the memory holds {filled} cases: all {filled} shown")
+    if pictures is None:
+        return messages
+    found = sum(pictures.path(name) is not None for name in names if name is not None)
+    looked = ", ".join(map(str, pictures.roots)) or f"no folder: no {root_option}, no training folder in the record"
+    hint = "" if found else f": their names are shown; {root_option} DIR names the folder of the training pictures"
+    messages.append(f"explain: pictures of {found} of {filled} memory cases found (in {looked}){hint}")
+    return messages
+
+
 class CasePictures:
     """The pictures of the memory cases, found on the user's side: a case name (a path relative to the folder
     common to the refresh set) is looked for in each of ``roots`` in turn, as ``root/name``, then one and two folder

@@ -19,6 +19,7 @@ from monai_ecrm.clinical.explain import (
     NOTE_COLUMN,
     CasePictures,
     ExplanationWriter,
+    explain_messages,
     explain_problem,
     explanation_from_shares,
     memory_case_names,
@@ -164,15 +165,8 @@ class MemoryExplanationHandler:
             self.logger.warning(f"explain: {self.problem}; predictions written without explanations")
             return
         self.names = memory_case_names(network, record)
-        filled = len(self.names)
-        if self.top_k > filled:
-            self.logger.info(f"explain: explain {self.top_k}: the memory holds {filled} cases: all {filled} shown")
-        if self.pictures is None:
-            return
-        found = sum(self.pictures.path(name) is not None for name in self.names if name is not None)
-        looked = ", ".join(map(str, self.pictures.roots)) or "no folder: no explain_root, no training folder recorded"
-        hint = "" if found else ": their names are shown; --explain_root DIR names the folder of the training pictures"
-        self.logger.info(f"explain: pictures of {found} of {filled} memory cases found (in {looked}){hint}")
+        for message in explain_messages(self.names, self.top_k, self.pictures, "explain", "--explain_root"):
+            self.logger.info(message)
 
     def __call__(self, engine: Engine) -> None:
         """Explains the items of the current iteration (``engine.state.output``, post-processed)."""
