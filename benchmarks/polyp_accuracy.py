@@ -64,6 +64,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -85,6 +86,7 @@ from monai_ecrm.handlers.aux_supervision import aux_to_label_size
 from monai_ecrm.metrics.evaluation import TABLE_HEADERS, score_pair, summarize
 from monai_ecrm.networks.nets import DCRNET_ECRM_OPTIONS, ECRMUNet
 from monai_ecrm.networks.nets.ecrm_unet import NoECRM
+from monai_ecrm.record import read_record, write_record
 from monai_ecrm.transforms import (
     NORMALIZATIONS,
     full_size_eval_postprocessing,
@@ -1058,16 +1060,29 @@ def gather(work_dir: Path) -> list[dict[str, Any]]:
 
 
 def save_best(results: Sequence[dict[str, Any]], path: Path, work_dir: Path) -> dict[str, Any]:
-    """Write the ECRMUNet run with the best validation mDice as a flat state dict; its description."""
+    """Write the ECRMUNet run with the best validation mDice as a flat state dict; its description. A bundle-study
+    run (``benchmarks/bundle_study.py``) gives its bundle's ``models/model.pt`` as it is. The model record is written
+    beside ``path`` (``<stem>.json``, :func:`monai_ecrm.record.write_record`)."""
     candidates = [r for r in results if r["model"].startswith("ecrm") and VAL in r["summary"]]
     if not candidates:
         sys.exit("--save-best: no finished ecrm run with a validation split (--val-fraction > 0) in the work dir")
     best = max(candidates, key=lambda r: (r["summary"][VAL]["dice"], -r["seed"]))
-    state = torch.load(work_dir / best["run"] / "final_model.pt", map_location="cpu", weights_only=True)
+    run_dir = work_dir / best["run"]
+    bundle_model = run_dir / "polyp_ecrm" / "models" / "model.pt"
+    source = run_dir / "final_model.pt"
+    if not source.is_file() and bundle_model.is_file():  # a run of benchmarks/bundle_study.py
+        source = bundle_model
+    record = read_record(source)
+    if record is None:
+        sys.exit(f"--save-best: {source} has no model record (model.json or the run's result.json)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    if source == bundle_model:
+        shutil.copyfile(source, path)
+    else:
+        torch.save(torch.load(source, map_location="cpu", weights_only=True), path)
+    write_record(path, record)  # self-describing, and no stale record of another network left beside it
+    network = best.get("network") or dict(record["network"]["kwargs"])
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    network = best["network"]
     options = {**DEFAULT_ECRM_OPTIONS, **network}
     info = {
         "path": str(path),

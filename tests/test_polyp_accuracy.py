@@ -120,3 +120,35 @@ def test_resumed_run_equals_uninterrupted_run_and_merge(data_root: Path, tmp_pat
     assert "--network_def#ecrm_channels 320" in best["bundle_overrides"]
     log = _run(data_root, interrupted, *options, "--merge-only", "--out-md", str(tmp_path / "merged.md"))
     assert "1 finished run(s) merged" in log and (tmp_path / "merged.md").is_file()
+
+
+def test_save_best_takes_a_bundle_study_run_as_it_is_with_its_record(tmp_path: Path) -> None:
+    """``--save-best`` over ``benchmarks/bundle_study.py`` runs: the bundle's own ``model.pt`` of the run with the
+    best validation mDice, byte for byte, with the model record beside it (replacing a stale one), so that it loads
+    without overrides."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import polyp_accuracy
+
+    from monai_ecrm.networks.nets import ECRMUNet
+    from monai_ecrm.record import load_network, make_record, write_record
+
+    kwargs = {"backbone": "efficientnet-lite0", "bank_size": 4, "key_channels": 16}
+    results = []
+    for seed, val_dice in ((0, 0.71), (1, 0.75)):
+        models = tmp_path / "runs" / f"ecrm-seed{seed}" / "polyp_ecrm" / "models"
+        models.mkdir(parents=True)
+        torch.manual_seed(seed)
+        torch.save(ECRMUNet(**kwargs).state_dict(), models / "model.pt")
+        write_record(models / "model.pt", make_record(kwargs, 64))
+        results.append({"model": "ecrm/s16_attn_sup", "seed": seed, "run": f"ecrm-seed{seed}", "size": 64,
+                        "steps": 10, "val_images": 3, "config": {"normalization": "imagenet"},
+                        "summary": {polyp_accuracy.VAL: {"dice": val_dice}}})  # fmt: skip
+    out = tmp_path / "reference" / "model.pt"
+    out.parent.mkdir()
+    write_record(out, make_record({**kwargs, "bank_size": 20}, 128))  # a stale record of another network
+    info = polyp_accuracy.save_best(results, out, tmp_path / "runs")
+    assert info["run"] == "ecrm-seed1"
+    assert out.read_bytes() == (tmp_path / "runs" / "ecrm-seed1" / "polyp_ecrm" / "models" / "model.pt").read_bytes()
+    network, record = load_network(out)
+    assert network.ecrm.memory.num_slots == 4 and record["preprocessing"]["spatial_size"] == [64, 64]
+    assert "--bank_size 4" in info["bundle_overrides"] and "--spatial_size 64" in info["bundle_overrides"]
