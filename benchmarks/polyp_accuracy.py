@@ -1081,9 +1081,8 @@ def save_best(results: Sequence[dict[str, Any]], path: Path, work_dir: Path) -> 
     else:
         torch.save(torch.load(source, map_location="cpu", weights_only=True), path)
     write_record(path, record)  # self-describing, and no stale record of another network left beside it
-    network = best.get("network") or dict(record["network"]["kwargs"])
+    network = record["network"]["kwargs"]  # every construction argument, resolved
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    options = {**DEFAULT_ECRM_OPTIONS, **network}
     info = {
         "path": str(path),
         "sha256": digest,
@@ -1104,7 +1103,7 @@ def save_best(results: Sequence[dict[str, Any]], path: Path, work_dir: Path) -> 
             "network_def#ecrm_channels": network["ecrm_channels"],
             "network_def#key_channels": network["key_channels"],
             # the bundle's ECRM options are its defaults' (the study's variant): the run's are stated, whatever they are
-            **{key: options[key] for key in BUNDLE_ECRM_KEYS},
+            **{key: network[key] for key in BUNDLE_ECRM_KEYS},
             "spatial_size": best["size"],
         },
     }

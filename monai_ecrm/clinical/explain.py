@@ -52,6 +52,7 @@ __all__ = [
     "ExplanationWriter",
     "MemoryCase",
     "compose_explanation",
+    "explain_messages",
     "explain_problem",
     "explanation_from_shares",
     "memory_case_names",
