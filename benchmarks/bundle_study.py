@@ -300,6 +300,30 @@ def _trainer_state(path: Path) -> dict[str, Any]:
     return dict(torch.load(path, map_location="cpu", weights_only=True).get("trainer", {}))
 
 
+def restrict_training(datalist: Path, sets: list[str]) -> Path:
+    """A copy of the PraNet datalist whose training and validation items come from ``sets`` only (an item's set is
+    the PraNet folder its image lies in); the test sets are kept whole. Written once beside ``datalist``."""
+    from monai_ecrm.data.datalist import PRANET_SETS
+
+    unknown = sorted(set(sets) - set(PRANET_SETS))
+    if unknown:
+        sys.exit(f"--train-sets: unknown set(s) {unknown}; choose from {sorted(PRANET_SETS)}")
+    out = datalist.with_name(f"{datalist.stem}_{'_'.join(sorted(sets))}.json")
+    if out.is_file():
+        return out
+    data = json.loads(datalist.read_text())
+    folders = {PRANET_SETS[name] for name in sets}
+
+    def keep(item: dict[str, Any]) -> bool:
+        return Path(item["image"]).parent.parent.name in folders
+
+    for key in ("training", "validation"):
+        data[key] = [item for item in data[key] if keep(item)]
+    data["description"] = f"{data.get('description', '')} (training and validation restricted to {sorted(sets)})"
+    out.write_text(json.dumps(data, indent=1))
+    return out
+
+
 def _parse_options(text: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -324,6 +348,12 @@ def main() -> None:
     parser.add_argument("--ecrm", default="", help="ECRM bundle overrides, e.g. 'memory_stride=16,prototypes=label'")
     parser.add_argument("--variant", default="", help="name of the ECRM variant in the tables")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    parser.add_argument(
+        "--train-sets",
+        default="",
+        help="train and validate on these PraNet sets only (comma-separated of kvasir, clinicdb; default all); the "
+        "test sets stay both, e.g. 'kvasir' for the memory issue's site-adaptation protocol",
+    )
     args = parser.parse_args()
     args.ecrm = _parse_options(args.ecrm)
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -332,6 +362,8 @@ def main() -> None:
         from monai_ecrm.bundle import write_pranet_datalist
 
         write_pranet_datalist(args.data, datalist)
+    if args.train_sets:
+        datalist = restrict_training(datalist, [s.strip() for s in args.train_sets.split(",") if s.strip()])
     for seed in [int(s) for s in args.seeds.split(",")]:
         for model in args.models.split(","):
             run_one(model, seed, args, datalist)
