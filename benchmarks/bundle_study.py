@@ -280,11 +280,11 @@ def _add_diagnostics(
     if model == "ecrm" and "memory_use" not in result:
         import torch
 
-        from monai_ecrm.networks.nets import ECRMUNet
+        from monai_ecrm import load_model
         from monai_ecrm.transforms import normalization_for_backbone
 
         torch.set_num_threads(args.threads)
-        net = ECRMUNet.from_checkpoint(run_dir / "polyp_ecrm" / "models" / "model.pt")
+        net = load_model(run_dir / "polyp_ecrm" / "models" / "model.pt")
         items = json.loads(datalist.read_text())["validation"]
         options = argparse.Namespace(
             size=args.size, normalization=normalization_for_backbone(RECIPE["backbone"]), device="cpu"

@@ -45,6 +45,11 @@ __all__ = [
     "check_model",
     "log_metrics",
     "require_model",
+    "one_line_errors",
+    "select_nothing",
+    "report_failed_inputs",
+    "InferenceItems",
+    "DEBUG_ENV",
     "main",
 ]
 
@@ -52,6 +57,105 @@ BUNDLE_NAME = "polyp_ecrm"
 #: size of the synthetic demo set the bundle generates in its ``demo_data`` folder
 DEMO_IMAGES, DEMO_SIZE = 24, 128
 logger = logging.getLogger("monai_ecrm.bundle")
+#: environment variable that keeps Python's full tracebacks on the console (``MONAI_ECRM_DEBUG=1``)
+DEBUG_ENV = "MONAI_ECRM_DEBUG"
+
+
+def _root_error(error: BaseException) -> BaseException:
+    """The innermost error of a chain: MONAI's config parser wraps the error of an expression in a ``RuntimeError``
+    ("Failed to evaluate ..."), ignite's engine re-raises the handler's; the innermost one says what is wrong."""
+    seen = {id(error)}
+    while True:
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
+
+
+def _one_line(error: BaseException) -> str:
+    from monai_ecrm.data import DataError
+
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); a training run continues with --resume_from latest"
+    text = " ".join(str(error).split()) or type(error).__name__
+    if len(text) > 600:  # e.g. torch's list of every missing and unexpected key: the log has all of it
+        text = text[:600] + " ..."
+    # errors of this package (and file errors) say what is wrong and where; others get their type as a hint
+    ours = type(error).__module__.startswith("monai_ecrm") or isinstance(error, (DataError, OSError, SystemExit))
+    return text if ours else f"{type(error).__name__}: {text}"
+
+
+def _without_tracebacks(factory: Any) -> Any:
+    """A log record factory that keeps the message and drops the traceback (ignite's engine and MONAI's
+    ``StatsHandler`` log the whole traceback of an error that then reaches :func:`one_line_errors`, which writes it to
+    its log file once)."""
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return record
+
+    make.one_line_errors = True  # type: ignore[attr-defined]
+    return make
+
+
+def one_line_errors(log_file: str | os.PathLike | None = None, debug: bool | None = None) -> bool:
+    """Make a bundle command end an error with one line: ``error: <what is wrong, naming the file or option>``, the
+    full traceback written to ``log_file`` (appended) instead of the console. For the configs' ``initialize`` list
+    (first entry), so that ``python -m monai.bundle run`` speaks like ``monai-ecrm-infer``.
+
+    ``MONAI_ECRM_DEBUG=1`` in the environment (or ``debug=True``) keeps Python's own tracebacks. Ctrl-C prints one
+    line too. The exit status stays non-zero (1). Returns whether the one-line mode is on.
+
+    Why not MONAI's: ``monai.bundle`` leaves errors to Python's default hook, and its config parser wraps each one in
+    "Failed to evaluate" errors, 60 to 200 lines for a wrong folder.
+    """
+    if debug is None:
+        debug = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    if debug:
+        return False
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "one_line_errors", False):
+        logging.setLogRecordFactory(_without_tracebacks(factory))
+    target = Path(log_file).expanduser() if log_file else None
+
+    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        import traceback
+
+        where = ""
+        if target is not None:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(target, "a", encoding="utf-8") as stream:
+                    stream.write("".join(traceback.format_exception(kind, error, trace)) + "\n")
+                where = f" (traceback in {target}; {DEBUG_ENV}=1 shows it here)"
+            except OSError:
+                where = f" ({DEBUG_ENV}=1 shows the traceback)"
+        print(f"error: {_one_line(_root_error(error))}{where}", file=sys.stderr, flush=True)
+
+    sys.excepthook = hook
+    return True
+
+
+class InferenceItems(list):
+    """The items ``inference.json`` runs, and ``failed``: ``(path, problem)`` of every input left out
+    (:func:`report_failed_inputs` ends the run with them)."""
+
+    failed: list[tuple[str, str]]
+
+
+def report_failed_inputs(items: Any) -> int:
+    """The last step of ``inference.json``: exit with one line listing every input that could not be read (status 1)
+    after the others were written; return the number of items run when none failed."""
+    failed = list(getattr(items, "failed", []) or [])
+    if failed:
+        listed = "; ".join(f"{path}: {problem}" for path, problem in failed)
+        sys.exit(
+            f"error: {len(failed)} input(s) could not be read and were left out ({listed}); the other {len(items)} "
+            "were written"
+        )
+    return len(items)
 
 
 def bundle_path() -> Path:
@@ -210,7 +314,34 @@ def inference_datalist(
 ) -> list[dict[str, Any]]:
     """Image-only items for ``inference.json``: a folder of pictures (``images/`` inside it, or the pictures
     themselves), a single file, or a datalist JSON (``"testing"`` list, else ``"validation"``). Unreadable files are
-    reported (logged) and left out by default so the rest complete."""
+    logged as errors (not Python warnings, which ``PYTHONWARNINGS=ignore`` would hide) and left out by default so the
+    rest complete; they are returned in the result's ``failed`` (:class:`InferenceItems`), and
+    :func:`report_failed_inputs` makes the command exit non-zero for them at the end."""
+    from monai_ecrm.data import DataError
+
+    if on_error == "skip":
+        try:
+            items = InferenceItems(_inference_items(dataset_dir, demo_dir, on_error="raise"))
+            items.failed = []
+            return items
+        except DataError as error:
+            if not error.problems:
+                raise
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                items = InferenceItems(_inference_items(dataset_dir, demo_dir, on_error="skip"))
+            items.failed = list(error.problems)
+            for path, problem in items.failed:
+                logger.error(f"left out {path}: {problem}")
+            return items
+    return _inference_items(dataset_dir, demo_dir, on_error)
+
+
+def _inference_items(
+    dataset_dir: str | os.PathLike, demo_dir: str | os.PathLike | None, on_error: str
+) -> list[dict[str, Any]]:
     if demo_dir is not None and Path(dataset_dir).expanduser().resolve().is_relative_to(Path(demo_dir).resolve()):
         _prepare(demo_dir, demo_dir, DEMO_IMAGES, DEMO_SIZE)
     source = Path(dataset_dir).expanduser()
@@ -299,6 +430,16 @@ def check_explain(explain: int, onnx_path: str | os.PathLike | None = None, use_
     return int(explain)
 
 
+def select_nothing(evaluator: Any) -> Any:
+    """``evaluator`` made to score without selecting (``evaluate.json``): MONAI's evaluator compares its key metric
+    with the best so far and logs "Got new best metric" at its first epoch whatever the comparison says; an evaluation
+    of a test set selects no model, so the comparison is turned off (the metrics are computed and logged as before).
+    Returns the evaluator."""
+    evaluator.metric_cmp_fn = lambda current, best: False
+    evaluator.state.best_metric_epoch = 0
+    return evaluator
+
+
 def attach_handlers(engine: Any, *handlers: Any) -> Any:
     """Attach handlers to an engine after it is built, in order, skipping ``None`` (a ``_disabled_`` component).
 
@@ -330,7 +471,7 @@ def training_prepare_batch(
     """
     from monai.engines import PrepareBatchExtraInput, default_prepare_batch
 
-    from monai_ecrm.handlers.aux_supervision import unwrap_network
+    from monai_ecrm.networks.utils import unwrap_network
 
     try:
         parameters = inspect.signature(unwrap_network(network).forward).parameters

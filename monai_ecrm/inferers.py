@@ -92,7 +92,7 @@ class ExplainingInferer(AutocastInferer):
 
 def _forward_with_shares(network: Any) -> Callable[..., Any] | None:
     """The network's ``forward_with_shares`` (through DDP/compile wrappers), ``None`` when it cannot give shares."""
-    from monai_ecrm.handlers.aux_supervision import unwrap_network
+    from monai_ecrm.networks.utils import unwrap_network
 
     network = unwrap_network(network)
     method = getattr(network, "forward_with_shares", None)

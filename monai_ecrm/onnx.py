@@ -9,7 +9,13 @@ eval mode; :func:`bundle_record` warns about it.
 
 MONAI writes no metadata into the ONNX file, so what a runtime needs to use the model (construction arguments,
 preprocessing, threshold, memory, and for INT8 the calibration) is written afterwards as one JSON record under the
-metadata key :data:`METADATA_KEY` (:func:`write_metadata`, :func:`read_metadata`)::
+metadata key :data:`METADATA_KEY` (:func:`write_metadata`, :func:`read_metadata`), in the layout of
+:mod:`monai_ecrm.record`. For a checkpoint with a model record (``models/model.json`` beside ``models/model.pt``) that
+record is the source (:func:`bundle_record`): the input size, normalisation, threshold, memory (fill and case names)
+and training come from the model, and a config value that contradicts them stops the export with one line naming the
+value, the record's and the config's (pass the record's value as an override, e.g. ``--spatial_size 128``). The
+record in the file names the weights it was exported from, ``"exported_from": {"file", "sha256", "bytes"}``
+(:func:`monai_ecrm.record.describe_weights` of the checkpoint), so an export can be matched to its ``model.pt``::
 
     cd bundles/polyp_ecrm
     python -m monai.bundle onnx_export network_def --filepath models/model.onnx --ckpt_file models/model.pt \\
@@ -42,7 +48,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +58,16 @@ from monai.bundle import ConfigParser, update_kwargs
 from monai.utils import optional_import
 from torch import nn
 
-import monai_ecrm
 from monai_ecrm.data import DataError
+from monai_ecrm.record import (
+    NETWORK_TARGET,
+    ONNX_METADATA_KEY,
+    SCHEMA_VERSION,
+    read_onnx_metadata,
+    versions,
+    write_onnx_metadata,
+)
+from monai_ecrm.record import make_record as _make_model_record
 from monai_ecrm.transforms import NORMALIZATIONS, infer_transforms
 
 onnx, _has_onnx = optional_import("onnx")
@@ -83,12 +97,10 @@ __all__ = [
     "main",
 ]
 
-#: key of the model record in the ONNX file's ``metadata_props``
-METADATA_KEY = "monai_ecrm.record"
-#: version of the record's layout (see :func:`make_record`)
-SCHEMA_VERSION = 1
+#: key of the model record in the ONNX file's ``metadata_props`` (the record module's; one layout for every carrier)
+METADATA_KEY = ONNX_METADATA_KEY
 #: the network class whose construction arguments a record states resolved
-_ECRMUNET_TARGET = "monai_ecrm.networks.nets.ECRMUNet"
+_ECRMUNET_TARGET = NETWORK_TARGET
 #: graph input and output names (also in ``configs/onnx_export.json``)
 INPUT_NAME = "image"
 OUTPUT_NAME = "pred"
@@ -168,7 +180,8 @@ def make_record(
     ``mean``/``std`` on [0, 1] intensities, as :func:`monai_ecrm.transforms.infer_transforms` applies them);
     ``threshold`` (on the sigmoid); ``memory`` (``slots``, ``filled``, optional ``sources``: the names of the cases
     its slots were filled from, the key ``monai_ecrm.record`` uses too); ``source`` (checkpoint, its SHA-256,
-    versions, opset); ``calibration`` (INT8 only).
+    versions, opset); ``calibration`` (INT8 only). This is the record of a model without a record of its own;
+    :func:`bundle_record` takes a model's record (with its ``training``) where it has one, and adds ``exported_from``.
 
     Args:
         network_kwargs: the network's construction arguments (the bundle's ``network_def`` without ``_target_``). For
@@ -182,52 +195,24 @@ def make_record(
         memory: ``{"slots": S, "filled": F, "sources": [...] or None}``.
         source: where the weights come from (checkpoint path, hash, versions).
     """
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}.")
-    mean, std = NORMALIZATIONS[normalization]
-    size = [int(spatial_size)] * 2 if isinstance(spatial_size, (int, np.integer)) else [int(s) for s in spatial_size]
-    if network_target == _ECRMUNET_TARGET:
-        from monai_ecrm.record import resolve_network_kwargs
-
-        network_kwargs = resolve_network_kwargs(network_kwargs)
-    out_channels = int(network_kwargs.get("out_channels", 1))
-    return _plain(
-        {
-            "schema_version": SCHEMA_VERSION,
-            "precision": "float32",
-            "network": {"target": network_target, "kwargs": dict(network_kwargs)},
-            "input": {
-                "name": INPUT_NAME,
-                "layout": "NCHW",
-                "dtype": "float32",
-                "channels": int(network_kwargs.get("in_channels", 3)),
-                "dynamic_axes": ["batch", "height", "width"],
-            },
-            "output": {
-                "name": OUTPUT_NAME,
-                "kind": "logits",
-                "channels": out_channels,
-                "activation": "sigmoid" if out_channels == 1 else "softmax",
-            },
-            "preprocessing": {
-                "spatial_size": size,
-                "resize": "bilinear",
-                "intensity_range": [0.0, 1.0],
-                "normalization": normalization,
-                "mean": list(mean),
-                "std": list(std),
-            },
-            "threshold": float(threshold),
-            "memory": dict(memory) if memory is not None else None,
-            "source": dict(source or {}),
-        }
+    memory = dict(memory) if memory is not None else None
+    record = _make_model_record(
+        network_kwargs,
+        spatial_size=spatial_size,
+        normalization=normalization,
+        threshold=threshold,
+        network_target=network_target,
+        memory={key: value for key, value in (memory or {}).items() if key != "sources"} if memory else None,
+        memory_sources=(memory or {}).get("sources"),
     )
+    record["input"]["dynamic_axes"] = ["batch", "height", "width"]
+    record["source"] = _plain(dict(source or {}))  # the exporter states its versions itself
+    record.pop("training", None)
+    return record
 
 
 def _versions() -> dict[str, str]:
-    import monai
-
-    return {"monai_ecrm": monai_ecrm.__version__, "monai": monai.__version__, "torch": torch.__version__.split("+")[0]}
+    return versions()
 
 
 def _memory_from_state(state: Mapping[str, Any], cases: Sequence[str] | None) -> dict[str, Any] | None:
@@ -256,6 +241,74 @@ def _read_cases(cases: str | os.PathLike | Sequence[str] | None) -> list[str] | 
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _checkpoint_state(ckpt_file: str | os.PathLike, key_in_ckpt: str = "") -> dict[str, Any]:
+    """The network state dict of a checkpoint: its ``key_in_ckpt`` entry, else the state dict it is or holds
+    (:func:`monai_ecrm.record.checkpoint_state_dict`); a checkpoint holding none is returned as loaded."""
+    from monai_ecrm.record import checkpoint_state_dict
+
+    checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    if key_in_ckpt:
+        return checkpoint[key_in_ckpt]
+    try:
+        return checkpoint_state_dict(checkpoint, ckpt_file)
+    except ValueError:
+        return checkpoint
+
+
+def _record_of_model(
+    written: Mapping[str, Any],
+    state: Mapping[str, Any],
+    ckpt_file: str | os.PathLike,
+    network_kwargs: Mapping[str, Any],
+    config: Mapping[str, Any],
+    cases: Sequence[str] | None,
+    override_id: Callable[[str], str] = str,
+) -> dict[str, Any]:
+    """The export's record from the model's own: ``written`` (the checkpoint's record) merged with what the weights
+    determine, the config's network arguments and preprocessing held against both, no value overridable.
+    ``override_id`` names the config id that sets a value (``spatial_size``, ``network_def#key_channels``), for the
+    error's example override."""
+    from monai_ecrm.record import RecordConflictError, merge_record, record_from_state_dict, resolve_network_kwargs
+
+    try:
+        derived = record_from_state_dict(state)
+    except ValueError as error:
+        raise ValueError(f"{ckpt_file}: {error}") from None
+    names = {
+        "derived": f"the weights in {ckpt_file}",
+        "written": f"the record of {ckpt_file}",
+        "flags": "the config (or its overrides)",
+    }
+    # the network MONAI exports is the config's: every argument it is built with is held against the model
+    flags = {**resolve_network_kwargs(network_kwargs), **config}
+    try:
+        record = merge_record(derived, written, flags, overridable=(), labels=names)
+    except RecordConflictError as error:
+        if not any(names["flags"] in values for _, values in error.conflicts):
+            raise  # the record contradicts its own weights: its message says so
+        key, values = next((key, values) for key, values in error.conflicts if names["flags"] in values)
+        recorded = next(iter(values.values()))
+        shown = recorded if isinstance(recorded, str) else json.dumps(recorded, separators=(",", ":"))
+        example = f"--{override_id(key)} {shown}"
+        hint = (
+            f" (an export takes these from the model's record: give the record's values as overrides, e.g. {example})"
+        )
+        raise RecordConflictError(error.conflicts, hint) from None
+    memory = record.get("memory")
+    recorded_cases = (memory or {}).get("sources")
+    if cases and recorded_cases is not None and list(recorded_cases) != list(cases):
+        raise RecordConflictError(
+            [("memory.sources", {names["written"]: recorded_cases, "--memory-cases": list(cases)})],
+            " (the record names the memory's cases itself: leave out --memory-cases)",
+        )
+    if cases and memory is not None and recorded_cases is None:
+        memory["sources"] = list(cases)
+    for key in ("assumed", "weights"):  # the record's weights are the checkpoint's: exported_from names them
+        record.pop(key, None)
+    record["input"]["dynamic_axes"] = ["batch", "height", "width"]
+    return record
+
+
 def bundle_record(
     config_file: str | os.PathLike | Sequence[str | os.PathLike],
     meta_file: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
@@ -265,21 +318,39 @@ def bundle_record(
     memory_cases: str | os.PathLike | Sequence[str] | None = None,
     **override: Any,
 ) -> dict[str, Any]:
-    """The model record of a bundle's network, read from its (inference) config as ``onnx_export`` reads it.
+    """The model record of a bundle's exported network, the config read as ``onnx_export`` reads it.
 
-    The network's construction arguments are ``net_id``'s entries resolved (``@backbone`` and the like); the
-    preprocessing comes from the config's ``spatial_size`` and ``normalization``, the threshold from ``threshold``
-    (0.5 if absent); the memory's fill count from the checkpoint.
+    A checkpoint with a model record (``models/model.json`` beside ``models/model.pt``, a training checkpoint's own;
+    :func:`monai_ecrm.record.read_record`, which checks that the record describes these weights) gives the record:
+    construction arguments, input size, normalisation, threshold, memory (slots and fill from the weights, case names
+    from the record) and ``training`` are the model's. The config's values (every argument of the network ``net_id``
+    builds, ``spatial_size``, ``normalization``, ``threshold``) are held against it: one that contradicts the model
+    is a :class:`~monai_ecrm.record.RecordConflictError` naming the value, the record's and the config's (the
+    threshold included: the file states the model). Without a record (a model trained before records, or no
+    ``ckpt_file``) the network's arguments come from ``net_id``'s entries resolved (``@backbone`` and the like), the
+    preprocessing from the config's ``spatial_size`` and ``normalization``, the threshold from ``threshold`` (0.5 if
+    absent) and the memory's fill count from the checkpoint.
+
+    With ``ckpt_file`` the record names it: ``exported_from`` (:func:`monai_ecrm.record.describe_weights`: file name,
+    SHA-256, size) and ``source.checkpoint``/``checkpoint_sha256``.
 
     Args:
         config_file: the config file(s) the network is defined in.
         meta_file: the bundle's ``metadata.json`` (optional).
-        ckpt_file: the checkpoint that was exported (hashed, and read for the memory's state).
+        ckpt_file: the checkpoint that was exported (hashed, its record and memory state read).
         net_id: the network's id in the config.
         key_in_ckpt: the key of the weights in a nested checkpoint.
-        memory_cases: names of the images the memory was filled from (a list, a JSON list file or a text file).
+        memory_cases: names of the images the memory was filled from (a list, a JSON list file or a text file), for a
+            model whose record does not name them; they must agree with a record that does.
         override: config overrides, ``id=value``, as given to ``onnx_export``.
+
+    Raises:
+        RecordConflictError: a config value (or ``memory_cases``) contradicts the model's record or weights.
+        RecordMismatchError: the record beside the checkpoint describes other weights.
+        KeyError: without a record, the config has no ``spatial_size`` or ``normalization``.
     """
+    from monai_ecrm.record import describe_weights, read_record
+
     parser = ConfigParser()
     parser.read_config(f=[str(f) for f in config_file] if isinstance(config_file, (list, tuple)) else str(config_file))
     if meta_file is not None:
@@ -288,26 +359,43 @@ def bundle_record(
         parser[key] = value
     definition = parser[net_id]
     kwargs = {key: parser.get_parsed_content(f"{net_id}#{key}") for key in definition if not str(key).startswith("_")}
-    for needed in ("spatial_size", "normalization"):
-        if needed not in parser:
-            raise KeyError(f"bundle_record: the config has no {needed!r} entry (the preprocessing of the record).")
+    target = definition.get("_target_", _ECRMUNET_TARGET)
+    config = {
+        key: parser.get_parsed_content(key) for key in ("spatial_size", "normalization", "threshold") if key in parser
+    }
+    cases = _read_cases(memory_cases)
     source: dict[str, Any] = {"exporter": "torch.onnx (TorchScript tracer)", **_versions()}
-    memory = None
+    memory, state, written = None, None, None
     if ckpt_file is not None:
         source.update({"checkpoint": Path(ckpt_file).name, "checkpoint_sha256": _sha256(ckpt_file)})
-        state = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-        if key_in_ckpt:
-            state = state[key_in_ckpt]
-        memory = _memory_from_state(state, _read_cases(memory_cases))
-    return make_record(
-        kwargs,
-        spatial_size=parser.get_parsed_content("spatial_size"),
-        normalization=parser.get_parsed_content("normalization"),
-        threshold=parser.get_parsed_content("threshold") if "threshold" in parser else 0.5,
-        network_target=definition.get("_target_", _ECRMUNET_TARGET),
-        memory=memory,
-        source=source,
-    )
+        state = _checkpoint_state(ckpt_file, key_in_ckpt)
+        memory = _memory_from_state(state, cases)
+        if target == _ECRMUNET_TARGET:
+            written = read_record(ckpt_file)
+    if written is not None:
+        top_level = set(parser.get())
+
+        def override_id(key: str) -> str:
+            return key if key in top_level else f"{net_id}#{key}"
+
+        record = _record_of_model(written, state, ckpt_file, kwargs, config, cases, override_id)
+        record["source"] = {**(record.get("source") or {}), **source}
+    else:
+        for needed in ("spatial_size", "normalization"):
+            if needed not in config:
+                raise KeyError(f"bundle_record: the config has no {needed!r} entry (the preprocessing of the record).")
+        record = make_record(
+            kwargs,
+            spatial_size=config["spatial_size"],
+            normalization=config["normalization"],
+            threshold=config.get("threshold", 0.5),
+            network_target=target,
+            memory=memory,
+            source=source,
+        )
+    if ckpt_file is not None:
+        record["exported_from"] = describe_weights(ckpt_file)
+    return record
 
 
 # ---------------------------------------------------------------------------------------------- metadata in ONNX
@@ -352,24 +440,16 @@ def load_onnx_model(path: str | os.PathLike) -> Any:
 
 
 def write_metadata(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Write ``record`` (JSON data) into the ONNX file ``path`` under :data:`METADATA_KEY`, replacing an older one.
+    """Write ``record`` (JSON data) into the ONNX file ``path`` under :data:`METADATA_KEY`, replacing an older one
+    (:func:`monai_ecrm.record.write_onnx_metadata`, after checking the file is an ONNX image model).
 
     A record without ``schema_version`` gets the current one. The rest of the file is unchanged.
     """
-    model = load_onnx_model(path)
-    record = {"schema_version": SCHEMA_VERSION, **_plain(dict(record))}
-    kept = [prop for prop in model.metadata_props if prop.key != METADATA_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(record, sort_keys=True))
-    onnx.save(model, str(path))
+    write_onnx_metadata(path, record, model=load_onnx_model(path))
 
 
 def _record_of(model: Any) -> dict[str, Any]:
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            return json.loads(prop.value)
-    return {}
+    return read_onnx_metadata("", model=model)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -422,8 +502,11 @@ def export_network(
         source = {"exporter": "torch.onnx (TorchScript tracer)", **_versions(), **(record.get("source") or {})}
         source.setdefault("opset", EXPORT_CONVERTER_KWARGS["opset_version"])
         record = {**record, "source": source}
-        if record.get("memory") is None:
-            record["memory"] = _memory_from_state(network.state_dict(), None)
+        memory = record.get("memory")
+        if memory is None or memory.get("filled") is None:
+            # the fill is the weights' (a record made from arguments only states the size); given names are kept
+            from_state = _memory_from_state(network.state_dict(), (memory or {}).get("sources"))
+            record["memory"] = from_state if from_state is not None else memory
     filepath = Path(filepath)
     filepath.parent.mkdir(parents=True, exist_ok=True)
     with _expected_export_warnings():
@@ -448,7 +531,14 @@ def export_bundle(
 ) -> dict[str, Any]:
     """MONAI's ``onnx_export`` of a bundle followed by :func:`write_metadata`: the arguments of
     ``python -m monai.bundle onnx_export`` (``args_file`` defaults included), plus ``memory_cases``. Returns the
-    record written."""
+    record written (:func:`bundle_record`: the checkpoint's model record, ``exported_from`` naming the checkpoint).
+
+    The record is made, and the config checked against the model, before anything is exported; the file is written
+    under a temporary name and renamed once it holds its record, so ``filepath`` is never an export without one.
+
+    Raises:
+        RecordConflictError: a config value contradicts the model's record (nothing is written).
+    """
     from monai.bundle.scripts import onnx_export
 
     def paths(value: Any) -> Any:
@@ -463,8 +553,6 @@ def export_bundle(
         meta_file=paths(meta_file),
         **override,
     )
-    with _expected_export_warnings():
-        onnx_export(**arguments)
     exported = {"net_id", "filepath", "ckpt_file", "config_file", "meta_file", "key_in_ckpt"}
     options = {"use_trace", "input_shape", "converter_kwargs", "args_file"}
     record = bundle_record(
@@ -477,7 +565,14 @@ def export_bundle(
         **{key: value for key, value in arguments.items() if key not in exported | options},
     )
     record["source"]["opset"] = (arguments.get("converter_kwargs") or {}).get("opset_version")
-    write_metadata(arguments["filepath"], record)
+    target = Path(arguments["filepath"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as scratch:
+        temporary = Path(scratch) / target.name
+        with _expected_export_warnings():
+            onnx_export(**{**arguments, "filepath": str(temporary)})
+        write_metadata(temporary, record)
+        os.replace(temporary, target)
     return record
 
 
@@ -745,15 +840,21 @@ def _overrides(extra: Sequence[str]) -> dict[str, Any]:
 def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config_file", "--config-file", nargs="+", required=True, help="bundle config(s)")
     parser.add_argument("--meta_file", "--meta-file", nargs="+", help="the bundle's metadata.json")
-    parser.add_argument("--ckpt_file", "--ckpt-file", help="the checkpoint (hashed, memory state read)")
+    parser.add_argument(
+        "--ckpt_file", "--ckpt-file", help="the checkpoint exported (models/model.pt): its record, hash and memory"
+    )
     parser.add_argument("--key_in_ckpt", "--key-in-ckpt", default="", help="key of the weights in the checkpoint")
     parser.add_argument("--net_id", "--net-id", default=None, help="network id in the config (network_def)")
-    parser.add_argument("--memory-cases", help="JSON list or text file of the images the memory was filled from")
+    parser.add_argument(
+        "--memory-cases", help="JSON list or text file of the images the memory was filled from (if no record says)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``export`` (MONAI's onnx_export, then the record), ``record`` (write the record into an exported file),
-    ``show`` (print a file's record), ``quantize`` (INT8 copy calibrated on training images)."""
+    ``show`` (print a file's record), ``quantize`` (INT8 copy calibrated on training images). The record of
+    ``export`` and ``record`` is the checkpoint's model record (``models/model.json``) where it has one; a config value
+    that contradicts it stops the command with one line (exit status 2)."""
     parser = argparse.ArgumentParser(prog="python -m monai_ecrm.onnx", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="onnx_export of a bundle plus the model record; --id value overrides")
@@ -777,9 +878,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = _overrides(extra)
     if overrides and args.command not in ("export", "record"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    from monai_ecrm.record import RecordConflictError, RecordMismatchError
+
     try:
         _run(args, overrides)
-    except (OnnxModelError, DataError) as error:
+    except (OnnxModelError, DataError, RecordConflictError, RecordMismatchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

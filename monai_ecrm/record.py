@@ -23,7 +23,8 @@ Layout (``make_record``)::
       "threshold": 0.5,
       "memory": {"slots": 20, "filled": 20, "sources": null},
       "training": {"dataset_dir": ..., "train_images": ..., "epochs": ..., "steps": ..., "completed": true, ...},
-      "source": {"monai_ecrm": "0.1.0", "monai": "...", "torch": "..."}
+      "source": {"monai_ecrm": "0.3.0", "monai": "...", "torch": "..."},
+      "weights": {"file": "model.pt", "sha256": "...", "bytes": ...}
     }
 
 What the weights determine (backbone, channels, memory size and classes, ICRM, memory level, decoder) is derived from
@@ -33,7 +34,7 @@ model is a :class:`RecordConflictError` naming both values, never a silent chang
 a default and listed under ``"assumed"``. An ``ECRMUNet`` argument a model file does not state (a file without a
 record, a record written without it) is read with the value such files were written with, DCRNet's block
 (:data:`UNSTATED_DEFAULTS`), never with ``ECRMUNet``'s current defaults: every model saved so far keeps its meaning.
-:func:`load_network` (and ``ECRMUNet.from_checkpoint``) builds the
+:func:`load_network` (and :func:`load_model`, ``monai_ecrm.load_model``) builds the
 network and loads the weights strictly; :func:`check_bundle_config` holds a bundle config's values against the record
 of the model it runs.
 
@@ -66,14 +67,18 @@ import torch
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
 from torch import nn
 
-import monai_ecrm
 from monai_ecrm.networks.nets import DCRNET_ECRM_OPTIONS, ECRMUNet
+from monai_ecrm.networks.utils import unwrap_network
 from monai_ecrm.transforms import NORMALIZATIONS, normalization_for_backbone
 
 __all__ = [
     "SCHEMA_VERSION",
     "RECORD_NAME",
     "TORCHSCRIPT_EXTRA_FILE",
+    "ONNX_METADATA_KEY",
+    "read_onnx_metadata",
+    "write_onnx_metadata",
+    "versions",
     "NETWORK_TARGET",
     "ARCHITECTURE_KEYS",
     "PREPROCESSING_KEYS",
@@ -81,7 +86,10 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "UNSTATED_DEFAULTS",
     "RecordConflictError",
+    "RecordMismatchError",
     "make_record",
+    "describe_weights",
+    "verify_weights",
     "resolve_network_kwargs",
     "record_from_state_dict",
     "record_from_network",
@@ -91,6 +99,7 @@ __all__ = [
     "write_record",
     "checkpoint_state_dict",
     "load_network",
+    "load_model",
     "check_bundle_config",
     "record_for_torchscript",
     "embed_record",
@@ -102,6 +111,8 @@ __all__ = [
 SCHEMA_VERSION = 1
 #: the record's file name beside the weights (``models/model.json`` beside ``models/model.pt``)
 RECORD_NAME = "model.json"
+#: key of the record in an ONNX file's ``metadata_props``
+ONNX_METADATA_KEY = "monai_ecrm.record"
 #: the record's name among a TorchScript file's extra files
 TORCHSCRIPT_EXTRA_FILE = "monai_ecrm_record.json"
 #: the network class a record builds
@@ -149,6 +160,12 @@ class RecordConflictError(ValueError):
             for key, values in self.conflicts
         ]
         super().__init__("; ".join(described) + hint)
+
+
+class RecordMismatchError(ValueError):
+    """A record names other weights than the file it sits beside (its ``weights.sha256`` is not the file's): the
+    record describes another model, e.g. weights replaced after the record was written, or a crash between writing
+    the two. Names both files."""
 
 
 def _show(value: Any) -> str:
@@ -260,10 +277,13 @@ def resolve_network_kwargs(network_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return _plain(_resolve_nones({**defaults, **given}))
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """The versions a record's ``source`` states: monai-ecrm, MONAI, torch."""
     import monai
 
-    return {"monai_ecrm": monai_ecrm.__version__, "monai": monai.__version__, "torch": torch.__version__.split("+")[0]}
+    from monai_ecrm.version import __version__
+
+    return {"monai_ecrm": __version__, "monai": monai.__version__, "torch": torch.__version__.split("+")[0]}
 
 
 def make_record(
@@ -276,6 +296,7 @@ def make_record(
     source: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     memory_sources: Sequence[str] | None = None,
+    weights: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A complete model record (see the module's docstring for the layout), as JSON data.
 
@@ -294,17 +315,23 @@ def make_record(
             ``train_images``, ``val_images``, ``epochs``, ``steps``, ``batch_size``, ``completed``, ...
         memory_sources: names of the cases the memory was written from, if known (``memory.sources``; its layout is
             the memory-provenance work's: the names the bank's integer ``sources`` refer to).
+        weights: ``{"file", "sha256", "bytes"}`` of the exact weights file the record describes
+            (:func:`describe_weights`); every reader of a record beside a file checks it (:func:`verify_weights`).
     """
-    kwargs = resolve_network_kwargs(network_kwargs)
+    kwargs = (
+        resolve_network_kwargs(network_kwargs) if network_target == NETWORK_TARGET else _plain(dict(network_kwargs))
+    )
     if normalization is None:
         normalization = normalization_for_backbone(kwargs["backbone"])
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}.")
     mean, std = NORMALIZATIONS[normalization]
-    spatial_dims = int(kwargs["spatial_dims"])
-    out_channels = int(kwargs["out_channels"])
+    spatial_dims = int(kwargs.get("spatial_dims", 2))
+    out_channels = int(kwargs.get("out_channels", 1))
     memory_entry = None
-    if kwargs["use_ecrm"]:
+    if network_target != NETWORK_TARGET:
+        memory_entry = dict(memory) if memory is not None else None
+    elif kwargs["use_ecrm"]:
         memory_entry = {"slots": int(kwargs["bank_size"]), "filled": None, **dict(memory or {})}
         memory_entry["sources"] = list(memory_sources) if memory_sources is not None else memory_entry.get("sources")
     return _plain(
@@ -316,7 +343,7 @@ def make_record(
                 "name": _INPUT_NAME,
                 "layout": "NCHW" if spatial_dims == 2 else "NCDHW",
                 "dtype": "float32",
-                "channels": int(kwargs["in_channels"]),
+                "channels": int(kwargs.get("in_channels", 3)),
             },
             "output": {
                 "name": _OUTPUT_NAME,
@@ -335,7 +362,8 @@ def make_record(
             "threshold": float(threshold),
             "memory": memory_entry,
             "training": dict(training) if training is not None else None,
-            "source": {**_versions(), **dict(source or {})},
+            "source": {**versions(), **dict(source or {})},
+            **({"weights": dict(weights)} if weights else {}),
         }
     )
 
@@ -490,9 +518,9 @@ def record_from_network(
 ) -> dict[str, Any]:
     """The partial record of a built network (DDP/compile wrappers unwrapped), like :func:`record_from_state_dict`
     but with every architecture argument resolved: what the state dict determines, the module's own attributes
-    (``backbone``, ``memory_stride``, the ECRM options its block keeps: ``context_start``, ``prototypes``, ...), and
-    ``network_kwargs`` for what neither shows (``norm``, ``act``, ``dropout``, ``interp_mode``; ECRMUNet's defaults
-    otherwise).
+    (``backbone``, ``memory_stride``, the ECRM options its block keeps: ``context_start``, ``prototypes``, ...; the
+    decoder's upsampling mode, ``interp_mode``), and ``network_kwargs`` for what none of them shows (``norm``, ``act``,
+    ``dropout``; ECRMUNet's defaults otherwise).
 
     Args:
         network: an ``ECRMUNet``, possibly wrapped.
@@ -503,13 +531,15 @@ def record_from_network(
         RecordConflictError: ``network_kwargs`` contradicts the network.
         ValueError: not an ECRMUNet, or (``check``) one that the arguments do not rebuild, naming the first difference.
     """
-    from monai_ecrm.handlers.aux_supervision import unwrap_network
-
     plain = unwrap_network(network)
     if not isinstance(plain, ECRMUNet):
         raise ValueError(f"not an ECRMUNet: {type(plain).__name__}.")
     derived = _derive(plain.state_dict(), backbone=plain.backbone)
     shown = dict(derived["kwargs"], memory_stride=plain.memory_stride)
+    # the decoder's non-trainable upsampling shows its interpolation (a bilinear model rebuilt as nearest differs)
+    modes = {module.mode for module in plain.modules() if isinstance(module, nn.Upsample)}
+    if len(modes) == 1:
+        shown["interp_mode"] = modes.pop()
     if plain.use_ecrm:
         # the ECRM options the block keeps as attributes of the same name (context_start, prototypes, ...)
         shown.update({key: getattr(plain.ecrm, key) for key in _ECRM_KEYS if hasattr(plain.ecrm, key)})
@@ -726,12 +756,57 @@ def _accuracy_record(result_path: Path) -> dict[str, Any] | None:
     )
 
 
-def _find_record(path: Path) -> tuple[dict[str, Any] | None, str]:
-    """The record stored with the model at ``path`` and where it was found (see :func:`read_record`)."""
-    if path.suffix == ".onnx":
-        from monai_ecrm.onnx import read_metadata
+def describe_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"file", "sha256", "bytes"}`` of a weights file: what a record names to say which weights it describes."""
+    path = Path(path)
+    return {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
 
-        metadata = read_metadata(path)
+
+def verify_weights(record: Mapping[str, Any], path: str | os.PathLike, where: str | os.PathLike) -> None:
+    """Check that ``record`` (read from ``where``) describes the weights file ``path``: its ``weights.sha256`` is the
+    file's. A record without a ``weights`` entry (written before records named their weights) is accepted as it is.
+
+    Raises:
+        RecordMismatchError: naming both files and both digests.
+    """
+    named = (record.get("weights") or {}) if isinstance(record, Mapping) else {}
+    expected = named.get("sha256")
+    if not expected:
+        return
+    actual = file_sha256(path)
+    if actual != expected:
+        raise RecordMismatchError(
+            f"{where} describes other weights than {path} (the record names {named.get('file')} sha256 "
+            f"{expected[:12]}..., the file is {actual[:12]}...): the record is another model's; retrain, or put the "
+            "record written with these weights beside them."
+        )
+
+
+def _checkpoint_record(path: Path) -> dict[str, Any] | None:
+    """The record a training checkpoint carries in its ``"run"`` entry (:class:`monai_ecrm.handlers.TrainingRun`),
+    or ``None``."""
+    if path.suffix != ".pt" or not path.is_file() or not zipfile.is_zipfile(path):
+        return None
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch.save archive, or unreadable: the weights loader says so
+        return None
+    run = checkpoint.get("run") if isinstance(checkpoint, Mapping) else None
+    record = run.get("record") if isinstance(run, Mapping) else None
+    if isinstance(record, str):
+        return _check(json.loads(record), f"{path} (its run record)")
+    return None
+
+
+def _find_record(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The record stored with the model at ``path`` and where it was found (see :func:`read_record`).
+
+    A JSON record that names its weights (``weights.file``, ``weights.sha256``) is the record of that file only: it
+    is checked against ``path`` when it names ``path`` (:func:`verify_weights`), and not used for another file of the
+    folder (``checkpoint_final.pt`` beside ``model.pt``), which has its own record inside (a training checkpoint's
+    ``"run"`` entry) or none."""
+    if path.suffix == ".onnx":
+        metadata = read_onnx_metadata(path)
         return (_check(metadata, path) if metadata else None), f"the record in {path}"
     if _is_torchscript(path):
         embedded = _embedded_record(path)
@@ -742,7 +817,16 @@ def _find_record(path: Path) -> tuple[dict[str, Any] | None, str]:
         candidates.append(path.parent / RECORD_NAME)
     for candidate in candidates:
         if candidate.is_file():
-            return _read_json_record(candidate), str(candidate)
+            record = _read_json_record(candidate)
+            named = record.get("weights") or {}
+            if path.is_file() and path.suffix != ".json" and named.get("sha256"):
+                if named.get("file") != path.name:
+                    continue  # the record of another file of this folder
+                verify_weights(record, path, candidate)
+            return record, str(candidate)
+    embedded = _checkpoint_record(path)
+    if embedded is not None:
+        return embedded, f"the run record in {path}"
     result = path.parent / "result.json"
     if path.name == "final_model.pt" and result.is_file():
         return _accuracy_record(result), str(result)
@@ -755,7 +839,7 @@ def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
     ``path``: a record ``.json``; a folder (its ``model.json``); a weights file (the ``<stem>.json`` beside it, else
     ``model.json`` in its folder; for an accuracy-protocol ``final_model.pt`` the run's ``result.json``); a
     TorchScript file (its embedded :data:`TORCHSCRIPT_EXTRA_FILE`, else the JSON beside it); an ``.onnx`` file (its
-    metadata, :func:`monai_ecrm.onnx.read_metadata`).
+    metadata, :func:`read_onnx_metadata`).
 
     Raises:
         ValueError: the record is unreadable, not a record, or of a newer schema (naming the file).
@@ -769,6 +853,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes 0600 files: give the record the mode any new file gets (0644 under the usual umask), so that
+        # whoever can read the weights can read their record
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
@@ -791,21 +880,60 @@ def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
     """Write ``record`` where :func:`read_record` finds it, atomically; returns the file written.
 
     ``path``: a folder (``model.json`` in it), a ``.json`` file, a weights file (the ``<stem>.json`` beside it), a
-    TorchScript file (embedded, :func:`embed_record`) or an ``.onnx`` file (:func:`monai_ecrm.onnx.write_metadata`).
+    TorchScript file (embedded, :func:`embed_record`) or an ``.onnx`` file (:func:`write_onnx_metadata`).
     A record without ``schema_version`` gets the current one; ``"assumed"`` (a merged record's note) is not written.
     """
     record = _check(_stored(record), path)
     path = Path(path)
     if path.suffix == ".onnx":
-        from monai_ecrm.onnx import write_metadata
-
-        write_metadata(path, record)
+        write_onnx_metadata(path, record)
         return path
     if _is_torchscript(path):
         return embed_record(path, record)
     target = record_path(path)
     _atomic_write(target, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
     return target
+
+
+# ------------------------------------------------------------------------------------------------------ ONNX
+def _onnx_model(path: Path) -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise ValueError(
+            f"{path}: reading an ONNX model needs the onnx package (pip install 'monai-ecrm[onnx]')."
+        ) from None
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError, onnx's own errors, OSError
+        raise ValueError(f"{path}: not an ONNX model ({type(error).__name__}: {error}).") from None
+
+
+def read_onnx_metadata(path: str | os.PathLike, model: Any = None) -> dict[str, Any]:
+    """The record in an ONNX file's ``metadata_props`` under :data:`ONNX_METADATA_KEY` (``{}`` when it has none, e.g.
+    straight from ``onnx_export``). ``model``: the file's ``onnx.ModelProto`` when already loaded.
+
+    The record's layout is this module's (:func:`make_record`); :mod:`monai_ecrm.onnx` exports and checks the model
+    and uses these two functions for its record, so that the record layer never imports the export layer."""
+    model = model if model is not None else _onnx_model(Path(path))
+    for prop in model.metadata_props:
+        if prop.key == ONNX_METADATA_KEY:
+            return json.loads(prop.value)
+    return {}
+
+
+def write_onnx_metadata(path: str | os.PathLike, record: Mapping[str, Any], model: Any = None) -> None:
+    """Write ``record`` into the ONNX file ``path`` under :data:`ONNX_METADATA_KEY`, replacing an older one; the rest
+    of the file is unchanged. A record without ``schema_version`` gets the current one."""
+    import onnx
+
+    model = model if model is not None else _onnx_model(Path(path))
+    stored = {"schema_version": SCHEMA_VERSION, **_plain(dict(record))}
+    kept = [prop for prop in model.metadata_props if prop.key != ONNX_METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps(stored, sort_keys=True))
+    onnx.save(model, str(path))
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -830,8 +958,10 @@ def checkpoint_state_dict(checkpoint: Any, path: str | os.PathLike = "checkpoint
             f"{path}: no network state dict (found {found}); expected a flat state dict (models/model.pt) or a "
             "checkpoint with a 'network' or 'model' entry."
         )
-    if all(key.startswith("module.") for key in state):
-        state = {key[len("module.") :]: value for key, value in state.items()}
+    # wrappers' prefixes: DataParallel/DDP (``module.``), torch.compile (``_orig_mod.``), in either order
+    for prefix in ("module.", "_orig_mod.", "module."):
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix) :]: value for key, value in state.items()}
     return dict(state)
 
 
@@ -889,6 +1019,23 @@ def load_network(
             f"{path}: the weights do not load into ECRMUNet(**{record['network']['kwargs']}): {summary}"
         ) from None
     return network.to(device).eval(), record
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> ECRMUNet:
+    """The network of a model file, in eval mode on ``device``: built from what its weights determine and the record
+    that names them (:func:`load_network`), weights loaded strictly. Also ``monai_ecrm.load_model``.
+
+    ``path``: a flat state dict (a bundle's ``models/model.pt``, the accuracy protocol's ``final_model.pt``; a
+    ``torch.compile`` or DataParallel prefix is removed) or a training checkpoint (``checkpoint_*.pt``, described by
+    the record inside it). ``overrides``: construction arguments the model does not state; one that contradicts it
+    raises :class:`RecordConflictError` naming both values.
+
+    Raises:
+        RecordMismatchError: the record beside the file names other weights (naming both files).
+        RecordConflictError: an override contradicts the model.
+        ValueError: the file is unreadable or not an ECRMUNet (naming it).
+    """
+    return load_network(path, flags=overrides, device=device)[0]
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -995,29 +1142,80 @@ def _derived_or_none(module: nn.Module) -> dict[str, Any] | None:
         return None
 
 
-def embed_record(path: str | os.PathLike, record: Mapping[str, Any] | None = None) -> Path:
+def _holds_weights(module: nn.Module, weights: Path) -> bool:
+    """Whether a scripted network holds exactly the weights of the file ``weights`` (same keys, equal tensors): an
+    export of that file (``ckpt_export`` copies the weights as they are)."""
+    try:
+        state = _load_state(weights)
+    except ValueError:
+        return False
+    scripted = _script_state_dict(module)
+    return scripted.keys() == state.keys() and all(
+        scripted[key].shape == state[key].shape and torch.equal(scripted[key].detach().cpu(), state[key].cpu())
+        for key in state
+    )
+
+
+def _reexport_hint(path: Path, weights: Path) -> str:
+    return (
+        f"re-export it: python -m monai.bundle ckpt_export network_def --filepath {path} --ckpt_file {weights} "
+        f"--config_file configs/inference.json (with the overrides the model needs), then python -m "
+        f"monai_ecrm.record embed {path}"
+    )
+
+
+def embed_record(
+    path: str | os.PathLike, record: Mapping[str, Any] | None = None, weights: str | os.PathLike | None = None
+) -> Path:
     """Put ``record`` into the TorchScript file ``path`` (e.g. ``models/model.ts`` of ``python -m monai.bundle
     ckpt_export``), keeping its other extra files (MONAI's ``metadata.json`` and config copies); atomic. ``record``
     defaults to the JSON record beside the file (``models/model.json``).
 
+    The weights the export was made from, ``weights`` (default: the file the record names, ``weights.file``, in the
+    export's folder: ``models/model.pt``), are checked: the record must describe them
+    (:func:`verify_weights`) and the export must hold exactly them, so a stale export (one of earlier weights) never
+    gets the record of newer ones. The embedded record then names them, ``"exported_from": {"file", "sha256",
+    "bytes"}`` (:func:`describe_weights`), in place of the ``weights`` entry of the record beside them. A record that
+    names no weights, without ``weights``, is embedded as it is (without ``exported_from``).
+
     Raises:
-        ValueError: no record given or found, or not a TorchScript file.
+        ValueError: no record given or found, not a TorchScript file, or the weights to check are missing.
+        RecordMismatchError: the record describes other weights than ``weights``, or the export holds other weights.
         RecordConflictError: the record does not describe the file's weights.
     """
     path = Path(path)
+    where = "the record given"
     if record is None:
         source = record_path(path)
         if not source.is_file():
             raise ValueError(f"{path}: no record given and no {source.name} beside it.")
-        record = _read_json_record(source)
+        record, where = _read_json_record(source), str(source)
     if not _is_torchscript(path):
         raise ValueError(f"{path}: not a TorchScript file.")
     extra: dict[str, Any] = dict.fromkeys(_extra_names(path), "")
     module = _jit_load(path, "cpu", extra)
+    stored = dict(record)
+    named = (stored.pop("weights", None) or {}).get("file")
+    if weights is None and named and named != path.name:
+        weights = path.parent / named
+    if weights is not None:
+        weights = Path(weights)
+        if not weights.is_file():
+            raise ValueError(
+                f"{path}: {where} describes {weights}, which is not there to check that {path.name} was exported "
+                "from it; give the weights it was exported from (--weights)."
+            )
+        verify_weights(record, weights, where)
+        if not _holds_weights(module, weights):
+            raise RecordMismatchError(
+                f"{path} holds other weights than {weights} ({where} describes {weights.name}): a stale export, or "
+                f"another model's; {_reexport_hint(path, weights)}."
+            )
+        stored["exported_from"] = describe_weights(weights)
     derived = _derived_or_none(module)
     if derived is not None:
-        merge_record(derived, record, labels={"derived": f"the weights in {path}", "written": "the record"})
-    extra.update(record_for_torchscript(record))
+        merge_record(derived, stored, labels={"derived": f"the weights in {path}", "written": "the record"})
+    extra.update(record_for_torchscript(stored))
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         temporary = Path(scratch) / path.name
         with warnings.catch_warnings():
@@ -1037,9 +1235,15 @@ def load_torchscript(
     ``_extra_files``), else the JSON beside the file, checked against what the weights determine
     (:func:`record_from_state_dict`; a scripted network that is no ECRMUNet has only its record) and ``flags``.
 
+    The embedded record is trusted as it is: it travels inside the file. A JSON record beside the file that names
+    other weights (``models/model.json`` describing ``models/model.pt``) is the export's only when the export holds
+    exactly those weights; otherwise the export is stale (or another model's), an error rather than a model labelled
+    with another model's record.
+
     Raises:
         ValueError: not a loadable TorchScript file.
         RecordConflictError: an option or the record contradicts the model.
+        RecordMismatchError: the JSON record beside the file describes other weights than the export's.
     """
     path = Path(path)
     extra = {TORCHSCRIPT_EXTRA_FILE: ""}
@@ -1049,6 +1253,22 @@ def load_torchscript(
     else:
         source = record_path(path)
         written, where = (_read_json_record(source) if source.is_file() else None), str(source)
+        named = ((written or {}).get("weights") or {}).get("file")
+        if named == path.name:
+            verify_weights(written, path, source)
+        elif named:
+            weights = path.parent / named
+            if not weights.is_file():
+                raise RecordMismatchError(
+                    f"{source} describes {weights}, which is not there to check that {path} holds its weights: "
+                    f"embed the record when exporting (python -m monai_ecrm.record embed {path} --weights WEIGHTS)."
+                )
+            verify_weights(written, weights, source)
+            if not _holds_weights(module, weights):
+                raise RecordMismatchError(
+                    f"{source} describes {weights}, whose weights are not those of {path}: a stale export, or "
+                    f"another model's; {_reexport_hint(path, weights)}."
+                )
     names = {"derived": f"the weights in {path}", "written": where, **(labels or {})}
     return module.eval(), merge_record(_derived_or_none(module), written, flags, labels=names)
 
@@ -1056,8 +1276,9 @@ def load_torchscript(
 # ------------------------------------------------------------------------------------------------------------ CLI
 def main(argv: Sequence[str] | None = None) -> int:
     """``show PATH``: print the merged record of a model file (what running it would use; ``assumed`` lists the
-    defaults nobody stated). ``embed MODEL_TS [--record JSON]``: put a record (default: the JSON beside the file)
-    into a TorchScript file."""
+    defaults nobody stated). ``embed MODEL_TS [--record JSON] [--weights PT]``: put a record (default: the JSON beside
+    the file) into a TorchScript file, after checking that the file holds the weights the record describes (default:
+    the file the record names, ``models/model.pt``); the embedded record names them under ``exported_from``."""
     parser = argparse.ArgumentParser(prog="python -m monai_ecrm.record", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="print the record of a model file (.pt, .ts, .onnx, .json or a folder)")
@@ -1065,13 +1286,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     embed = sub.add_parser("embed", help="put the record into a TorchScript file")
     embed.add_argument("model", help="the TorchScript file (e.g. models/model.ts)")
     embed.add_argument("--record", help="the record JSON (default: the .json beside the model)")
+    embed.add_argument(
+        "--weights", help="the weights the model was exported from (default: the file the record names: model.pt)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "embed":
             record = None
             if args.record:
                 record = _read_json_record(Path(args.record))
-            print(embed_record(args.model, record))
+            print(embed_record(args.model, record, weights=args.weights))
             return 0
         path = Path(args.path)
         if path.is_dir() or path.suffix in (".json", ".onnx"):

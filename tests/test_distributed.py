@@ -176,7 +176,8 @@ def test_multi_gpu_config_disables_only_the_writing_handlers_on_other_ranks():
             ):
                 assert needed in kept, f"{needed} must run on every rank"
         else:
-            assert gated == ["StatsHandler", "TensorBoardStatsHandler", "CheckpointSaver"]
+            # rank 0 writes model.pt and its record
+            assert gated == ["StatsHandler", "TensorBoardStatsHandler", "CheckpointSaver", "ModelRecordHandler"]
             assert kept == [
                 "PreserveRandomState",
                 "PreserveNetworkState",

@@ -60,7 +60,7 @@ def test_help_explains_every_option(capsys):
                    "--no-progress", "report.csv", "exit status"]:  # fmt: skip
         assert option in text, f"--help does not mention {option}"
     assert "(x, y, 3)" in text and "RGB24" in text, "--help says which NIfTI layouts are pictures"
-    assert "a_png_seg.png, a_jpg_seg.png" in text, "--help gives the naming rule of inputs that share a stem"
+    assert "own file name alone" in text and "both a_seg.png" in text, "--help gives the naming rule (a.png, a.jpg)"
     assert "models/model.json" in text and "contradicts the model is an error" in text, "--help says what runs a model"
 
 
@@ -237,7 +237,8 @@ def test_study_folder_with_sr_corrupt_and_good_frames_finishes_with_a_report(tmp
     assert "frame 1" in report["video.dcm"]["detail"] and "3 of 4 frames" in report["video.dcm"]["detail"]
     assert report["IM0003"]["detail"] and report["garbage.dcm"]["detail"] and report["notes.txt"]["detail"]
     assert (output / "series1" / "IM0001_seg.dcm").is_file() and (output / "series1" / "IM0002_seg.dcm").is_file()
-    video_seg = pydicom.dcmread(output / "series2" / "video_seg.dcm")
+    assert not (output / "series2" / "video_seg.dcm").exists(), "a partial SEG is never under the final name"
+    video_seg = pydicom.dcmread(output / "series2" / "video_seg.partial.dcm")
     numbers = [
         item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber
         for item in video_seg.PerFrameFunctionalGroupsSequence
@@ -368,7 +369,7 @@ def test_pipelined_job_equals_the_sequential_job(tmp_path, torchscript_model):
     assert reports["pipelined"]["f.dcm"][0] == "failed" and reports["pipelined"]["g.dcm"][0] == "written"
     sequential, pipelined = folders["sequential"], folders["pipelined"]
     names = sorted(p.name for p in sequential.iterdir())
-    assert names == sorted(p.name for p in pipelined.iterdir()) and "e_seg.dcm" in names
+    assert names == sorted(p.name for p in pipelined.iterdir()) and "e_seg.partial.dcm" in names
     for name in names:
         if name.endswith(".png"):
             assert (sequential / name).read_bytes() == (pipelined / name).read_bytes(), name
@@ -384,45 +385,39 @@ def test_pipelined_job_equals_the_sequential_job(tmp_path, torchscript_model):
     assert not (pipelined / PARTIAL_DIR).exists()
 
 
-def test_inputs_sharing_a_stem_keep_their_suffix_and_a_rerun_skips_them(tmp_path, torchscript_model):
-    """``a.png`` and ``a.jpg`` both became ``a_seg.png``: one mask lost, both reported written."""
+def test_inputs_sharing_an_output_name_stop_the_job_and_names_follow_the_file_alone(tmp_path, torchscript_model,
+                                                                                    capsys):  # fmt: skip
+    """``a.png`` and ``a.jpg`` both became ``a_seg.png`` (one mask lost); then they kept their suffixes, which renamed
+    ``a.jpg``'s output when ``a.png`` was added. An output's name now depends on its input's name alone: inputs whose
+    outputs would meet stop the job, naming both, before anything is written."""
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)
     frames = video_frames(5, 36, 48)
     write_png(folder / "a.png", frames[0])
-    Image.fromarray(frames[1]).save(folder / "a.jpg")
-    Image.fromarray(frames[2]).save(folder / "A.bmp")  # one stem, ignoring case
+    Image.fromarray(frames[1]).save(folder / "A.jpg")  # one output name, ignoring case
     write_png(folder / "b.png", frames[3])
-    write_png(folder / "sub" / "a.png", frames[4])  # another output folder: its own stem
+    write_png(folder / "sub" / "a.png", frames[4])  # another output folder: its own name
     args = ["--torchscript", str(torchscript_model), "--spatial-size", "32", "--no-progress"]
     output = tmp_path / "out"
+    assert main([str(folder), "-o", str(output), *args]) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert error.startswith("monai-ecrm-infer: error: ") and len(error.splitlines()) == 1, error
+    assert str(folder / "a.png") in error and str(folder / "A.jpg") in error and "a_seg.png" in error, error
+    assert not output.exists(), "nothing is written"
+
+    (folder / "A.jpg").unlink()
     assert main([str(folder), "-o", str(output), *args]) == EXIT_OK
     report = {str(Path(row["input"]).relative_to(folder)): row for row in _rows(output)}
     outputs = {name: Path(row["outputs"]).relative_to(output).as_posix() for name, row in report.items()}
-    assert outputs == {
-        "A.bmp": "A_bmp_seg.png",
-        "a.jpg": "a_jpg_seg.png",
-        "a.png": "a_png_seg.png",
-        "b.png": "b_seg.png",
-        "sub/a.png": "sub/a_seg.png",
-    }
-    for name in ("a.png", "a.jpg", "A.bmp"):  # each output is its own input's mask
-        alone = tmp_path / f"alone_{name}"
-        assert main([str(folder / name), "-o", str(alone), *args]) == EXIT_OK
-        single = alone / f"{Path(name).stem}_seg.png"
-        assert (output / outputs[name]).read_bytes() == single.read_bytes(), name
-    assert len({(output / name).read_bytes() for name in outputs.values()}) == len(outputs)
-
+    assert outputs == {"a.png": "a_seg.png", "b.png": "b_seg.png", "sub/a.png": "sub/a_seg.png"}
     assert main([str(folder), "-o", str(output), *args]) == EXIT_OK
-    assert {Path(row["input"]).name: row["status"] for row in _rows(output)} == dict.fromkeys(
-        ["A.bmp", "a.jpg", "a.png", "b.png"], "skipped-existing"
-    ), "a rerun finds the same names"
+    assert {row["status"] for row in _rows(output)} == {"skipped-existing"}, "a rerun finds the same names"
 
 
 def test_names_that_would_still_meet_stop_the_job_before_anything_is_written(tmp_path, torchscript_model, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
-    for name in ("a.png", "a_png.bmp", "a.jpg"):
+    for name in ("a.png", "a.bmp", "b.jpg"):
         Image.fromarray(video_frames(1, 24, 32)[0]).save(folder / name)
     output = tmp_path / "out"
     rc = main([str(folder), "-o", str(output), "--torchscript", str(torchscript_model), "--spatial-size", "32",
@@ -430,7 +425,7 @@ def test_names_that_would_still_meet_stop_the_job_before_anything_is_written(tmp
     assert rc == EXIT_USAGE
     error = capsys.readouterr().err
     assert error.startswith("monai-ecrm-infer: error: ") and len(error.splitlines()) == 1, error
-    assert str(folder / "a.png") in error and str(folder / "a_png.bmp") in error and "a_png_seg" in error, error
+    assert str(folder / "a.png") in error and str(folder / "a.bmp") in error and "a_seg.png" in error, error
     assert not output.exists(), "nothing is written"
 
 

@@ -24,6 +24,8 @@ from monai_ecrm.record import (
     TORCHSCRIPT_EXTRA_FILE,
     RecordConflictError,
     embed_record,
+    file_sha256,
+    load_model,
     load_network,
     load_torchscript,
     make_record,
@@ -105,7 +107,7 @@ def test_not_an_ecrm_unet_is_a_clear_error(tmp_path):
     path = tmp_path / "final_model.pt"
     torch.save(FlexibleUNet(in_channels=3, out_channels=1, backbone="resnet18").state_dict(), path)
     with pytest.raises(ValueError, match="not an ECRMUNet") as error:
-        ECRMUNet.from_checkpoint(path)
+        load_model(path)
     assert str(path) in str(error.value)
 
 
@@ -148,7 +150,7 @@ def _save(kind: str, network: ECRMUNet, folder):
 @pytest.mark.parametrize("kind", ["flat", "bundle_checkpoint", "accuracy_protocol"])
 def test_from_checkpoint_round_trip_gives_identical_outputs(kind, lite0_network, tmp_path):
     path = _save(kind, lite0_network, tmp_path / kind)
-    loaded = ECRMUNet.from_checkpoint(path)
+    loaded = load_model(path)
     x = torch.rand(2, 3, 64, 80)
     with torch.no_grad():
         assert torch.equal(loaded(x), lite0_network(x)), "the loaded model must compute exactly what was saved"
@@ -163,14 +165,14 @@ def test_from_checkpoint_round_trip_gives_identical_outputs(kind, lite0_network,
 def test_a_flag_that_contradicts_the_weights_is_refused_naming_both_values(lite0_network, tmp_path):
     path = _save("flat", lite0_network, tmp_path)
     with pytest.raises(RecordConflictError) as error:
-        ECRMUNet.from_checkpoint(path, ecrm_channels=512)
+        load_model(path, ecrm_channels=512)
     message = str(error.value)
     assert "ecrm_channels" in message and "320" in message and "512" in message and str(path) in message
     assert isinstance(error.value, ValueError), "the command maps ValueError subclasses to exit status 2"
     with pytest.raises(RecordConflictError) as error:
         load_network(path, flags={"bank_size": 20, "backbone": "resnet34", "spatial_size": 352})
     assert [key for key, _ in error.value.conflicts] == ["backbone", "bank_size"], "every contradiction, in one error"
-    assert ECRMUNet.from_checkpoint(path, ecrm_channels=320, backbone="efficientnet-lite0").ecrm.feat_channels == 320
+    assert load_model(path, ecrm_channels=320, backbone="efficientnet-lite0").ecrm.feat_channels == 320
 
 
 def test_a_flag_that_contradicts_the_record_is_refused_and_one_it_lacks_is_taken(lite0_network, tmp_path):
@@ -197,7 +199,7 @@ def test_a_record_that_does_not_belong_to_the_weights_is_refused(lite0_network, 
     other = {"backbone": "efficientnet-lite0", "ecrm_channels": 320, "bank_size": 20, **DCRNET_ECRM_OPTIONS}
     write_record(path, make_record(other, 64))
     with pytest.raises(RecordConflictError) as error:
-        ECRMUNet.from_checkpoint(path)
+        load_model(path)
     assert "bank_size" in str(error.value) and "4" in str(error.value) and "20" in str(error.value)
 
 
@@ -222,7 +224,7 @@ def test_a_model_file_that_does_not_state_the_ecrm_options_is_read_as_the_dcrnet
     assert read_record(path) is None
     x = torch.rand(2, 3, 64, 64)
     expected = _aux_and_logits(network, x)
-    for loaded, record in (load_network(path), (ECRMUNet.from_checkpoint(path), None)):
+    for loaded, record in (load_network(path), (load_model(path), None)):
         kwargs = {key: getattr(loaded.ecrm, key) for key in ("prototypes", "background_tokens", "supervise_attention")}
         assert kwargs == {"prototypes": "coarse", "background_tokens": False, "supervise_attention": False}
         assert loaded.memory_stride == 32 and not loaded.ecrm.attend_first and loaded.ecrm.context_start == "full"
@@ -250,7 +252,7 @@ def test_a_record_without_the_ecrm_options_states_the_dcrnet_values(lite0_networ
         merge_record(derived, written, {"prototypes": "label"})
     path = _save("flat", lite0_network, tmp_path)
     write_record(path, written)
-    assert ECRMUNet.from_checkpoint(path).ecrm.prototypes == "coarse"
+    assert load_model(path).ecrm.prototypes == "coarse"
 
 
 def test_a_default_network_round_trips_with_its_record(tmp_path):
@@ -259,7 +261,7 @@ def test_a_default_network_round_trips_with_its_record(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(network.state_dict(), path)
     write_record(path, make_record(record_from_network(network)["network"]["kwargs"], spatial_size=64))
-    loaded = ECRMUNet.from_checkpoint(path)
+    loaded = load_model(path)
     assert (loaded.memory_stride, loaded.ecrm.prototypes, loaded.ecrm.supervise_attention) == (16, "label", True)
     x = torch.rand(2, 3, 64, 64)
     assert all(map(torch.equal, _aux_and_logits(loaded, x), _aux_and_logits(network, x)))
@@ -338,27 +340,38 @@ def test_a_record_is_embedded_into_a_ckpt_export_file_keeping_its_extra_files(sc
         embed_record(path, wrong)
 
 
-def test_handler_writes_the_record_at_start_and_completes_it(tmp_path):
+def test_handler_writes_the_record_each_time_the_weights_change_and_names_them(tmp_path):
     torch.manual_seed(3)
     network = ECRMUNet(backbone="resnet18", bank_size=4, memory_stride=16)
     datalist = {"training": [{"image": f"/data/{i}.png"} for i in range(5)], "validation": [{"image": "/data/v.png"}]}
-    handler = ModelRecordHandler(tmp_path / "models", spatial_size=128, normalization="imagenet", datalist=datalist)
+    models = tmp_path / "models"
+    handler = ModelRecordHandler(models, spatial_size=128, normalization="imagenet", datalist=datalist)
     engine = Engine(lambda engine, batch: None)
     engine.network = network
+    saves = {1: True, 2: False, 3: True}  # the best-model saver writes model.pt after epochs 1 and 3 only
+
+    def saver(engine):
+        if saves[engine.state.epoch]:
+            models.mkdir(exist_ok=True)
+            network.ecrm.memory.filled.fill_(engine.state.epoch)
+            torch.save(network.state_dict(), models / "model.pt.tmp")
+            os.replace(models / "model.pt.tmp", models / "model.pt")
+
     seen = []
-    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(read_record(tmp_path / "models")))
+    engine.add_event_handler(Events.EPOCH_COMPLETED, saver)
     handler.attach(engine)
-    engine.run([0, 1, 2], max_epochs=2)
-    assert seen[0]["training"]["completed"] is False, "a run killed after its start must already have its record"
-    assert seen[0]["preprocessing"]["spatial_size"] == [128, 128]
-    record = read_record(tmp_path / "models")
-    assert record["training"]["completed"] is True and record["training"]["steps"] == 6
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(read_record(models)))
+    engine.run([0, 1], max_epochs=3)
+    assert [record["training"]["epoch"] for record in seen] == [1, 1, 3], "rewritten only with new weights"
+    record = read_record(models / "model.pt")
+    assert record["weights"]["sha256"] == file_sha256(models / "model.pt") and record["memory"]["filled"] == 3
+    assert record["preprocessing"]["spatial_size"] == [128, 128]
     assert record["training"]["train_images"] == 5 and record["training"]["val_images"] == 1
     assert record["network"]["kwargs"]["memory_stride"] == 16 and record["network"]["kwargs"]["bank_size"] == 4
     assert engine.state.model_record == record
     conflicting = ModelRecordHandler(tmp_path / "other", spatial_size=128, network_kwargs={"bank_size": 20})
     with pytest.raises(RecordConflictError, match="bank_size"):
-        conflicting.started(SimpleNamespace(network=network))
+        conflicting.run_record(SimpleNamespace(network=network))
 
 
 def test_the_bundle_records_the_overridden_values(tmp_path):
@@ -377,7 +390,7 @@ def test_the_bundle_records_the_overridden_values(tmp_path):
     record = read_record(bundle / "models")
     assert record["preprocessing"]["spatial_size"] == [64, 64], "the override, not the config file's 256"
     assert record["network"]["kwargs"]["backbone"] == "resnet18" and record["network"]["kwargs"]["bank_size"] == 6
-    assert record["training"]["completed"] is True and record["training"]["steps"] == 1
+    assert record["training"]["epoch"] == 1 and record["weights"]["file"] == "model.pt"
     assert "SYNTHETIC" in record["training"]["description"]
     for name in ("model.pt", "checkpoint_final.pt"):
         network, merged = load_network(bundle / "models" / name)

@@ -12,6 +12,7 @@ given)::
     monai-ecrm-infer: skipped: <input>: <why it holds no image>               INFO, an input skipped as no image
     monai-ecrm-infer: partial: <input>: <n> of <m> frames segmented; <why>    WARNING, some frames not decoded
     monai-ecrm-infer: failed: <input>: <problem>                              ERROR, an input that failed
+    monai-ecrm-infer: replaced the outputs of <n> inputs made by another model ... WARNING, see report.csv's detail
     monai-ecrm-infer: <w> written, <d> already done, <s> skipped, <f> failed; report: <output>/report.csv   INFO
 
 The model line names the model file used, a short SHA-256 of it, and what its record (:mod:`monai_ecrm.record`) says it
@@ -24,7 +25,11 @@ already done have no line of their own: they are counted in the last line and li
 ``report.csv`` with every other input. An interrupted job prints, instead of those lines,
 ``monai-ecrm-infer: interrupted after <n> of <m> inputs`` (WARNING, exit status 130); a run that cannot start
 ``monai-ecrm-infer: error: <problem>`` (ERROR, exit status 2: no usable model, an option that contradicts the model, no
-input found, two inputs that would share an output; a bad command line gets argparse's usage and error lines).
+input found, two inputs that would share an output; a bad command line gets argparse's usage and error lines). A model
+file given to the wrong option, or that is no model at all (``--checkpoint model.onnx``, ``--torchscript model.pt``, a
+JSON record, an empty file), is one such line naming the file, what it is and the option to use
+(:func:`_model_file_problem`), before torch reads it; torch's own advice (``weights_only=False``, which would run
+code from the file) is never printed.
 
 Nothing else is printed, whatever logging the calling program has set up: the command's lines go to its own stderr
 handler and no further (so a root handler does not print them twice), and highdicom's INFO lines (nine per SEG it
@@ -42,6 +47,7 @@ import contextlib
 import functools
 import logging
 import sys
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,10 +99,12 @@ at a time). PNG, JPEG, BMP and TIFF pictures give <stem>_seg.png masks (0/255), 
 masks (uint8, 0/255) with the source's affine and its shape without the colour axis ((549, 530) or (549, 530, 3) in:
 (549, 530) out): the bundle's outputs. Sub-folders of a folder INPUT are kept in OUTPUT.
 
-Output names: where several inputs of one folder share a stem (a.png and a.jpg, ignoring case), each keeps its suffix
-in the output's name (a_png_seg.png, a_jpg_seg.png; a.nii.gz: a_nii_gz_seg.nii.gz), so two inputs never share an
-output; the names depend only on the input names, so a rerun finds them. Names that would still meet (a_png.bmp
-beside a.png and a.jpg) stop the job before anything is written (exit status 2).
+Output names: an output is named after its input's own file name alone, never after the other files of the folder:
+<stem>_seg.png, <stem>_seg.nii.gz or <stem>_seg.dcm (a.jpg: a_seg.png; a.nii.gz: a_seg.nii.gz), so adding or
+removing a file never renames another file's output. Two inputs of one folder whose outputs would share a name (a.png
+and a.jpg: both a_seg.png, compared ignoring case; a.dcm and a.png with --dicom-png or --explain) stop the job before
+anything is written (exit status 2), naming both: rename one of them. Outputs an earlier version named a_png_seg.png
+and a_jpg_seg.png are found again through the report.csv rows that list them.
 
 NIfTI pictures, voxel axis x along the columns: grey (x, y), (x, y, 1) or (x, y, 1, 1); colour as uint8 data
 (x, y, 3) (an RGB picture array saved as it is), RGB24 voxels or a vector (x, y, 1, 1, 3). (x, y, 3) data of any
@@ -104,8 +112,18 @@ other type (float, int16) is a volume of 3 slices, not a picture, and is reporte
 
 Non-image DICOM objects (structured reports, presentation states, DICOMDIR, segmentations) and files of other kinds
 are skipped; an unreadable file or frame is reported and the job goes on. Every input is listed with its status in
-OUTPUT/report.csv. Files are written under a temporary name and renamed when complete; a rerun skips the inputs
-whose outputs exist, so an interrupted job is resumed by running it again.
+OUTPUT/report.csv. Files are written under a temporary name and renamed when complete, so an interrupted job is
+resumed by running it again. A multi-frame DICOM file with frames that cannot be decoded gets
+<stem>_seg.partial.dcm holding the others (status partial), never <stem>_seg.dcm, so a rerun tries it again.
+
+Reruns: an input is skipped (skipped-existing) only when each of its outputs is complete and was made by the same
+model (the SHA-256 of the model file) for that input. A DICOM SEG says so itself (its algorithm parameters name the
+model, it references its source and has a frame per source frame); every other output through its row in
+OUTPUT/report.csv, which each job merges: the rows of inputs the job does not touch stay, each naming the model that
+made its outputs. An input whose outputs exist but were made by another model, for another input, are incomplete or
+are named by no record is segmented again with this model and its outputs replaced (each in one atomic rename); its
+row says so in its detail (replaced-other-model: a_seg.png (made by A.pt (sha256 ...)), replaced-other-input,
+replaced-partial, replaced-unknown-origin) and a warning line counts them. --overwrite segments every input again.
 
 The model: --checkpoint (a bundle's models/model.pt), --torchscript (a bundle's models/model.ts), or --bundle
 (DIR/models/model.ts, else DIR/models/model.pt); the installed bundle's when none is given. The model runs as it was
@@ -204,7 +222,12 @@ def _parser() -> argparse.ArgumentParser:
         help="write foreground probabilities instead of masks: FRACTIONAL DICOM SEG (0..255), 0..255 PNG, float NIfTI",
     )
     options.add_argument("--dicom-png", action="store_true", help="also write PNG masks for DICOM inputs")
-    options.add_argument("--overwrite", action="store_true", help="process inputs whose outputs exist again")
+    options.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="segment every input again and replace its outputs, even those this model already made (without it, "
+        "only outputs made by this model for that input are skipped; others are replaced and reported as such)",
+    )
     options.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     options.add_argument(
         "--bf16",
@@ -292,6 +315,12 @@ def _no_model(bundle_root: Path) -> str:
 def _load(args: argparse.Namespace, device: str) -> _Model:
     """The model of the command line (the installed bundle's when none is given), run as its record says.
 
+    A bundle (``--bundle DIR``, or the installed one) runs ``models/model.pt``, or its TorchScript export
+    ``models/model.ts`` when that names ``model.pt``'s SHA-256 as the weights it was exported from (its embedded
+    record's ``exported_from``, which ``python -m monai_ecrm.record embed`` writes) and ``--explain`` is not asked for.
+    An export that does not is stale, or may be: ``model.pt`` runs, and a warning names the export and how to
+    re-export it. Without ``model.pt``, ``model.ts`` runs as it is.
+
     Raises:
         ValueError: no usable model, or an option that contradicts it (:class:`~monai_ecrm.record.RecordConflictError`).
     """
@@ -308,17 +337,46 @@ def _load(args: argparse.Namespace, device: str) -> _Model:
     checkpoint, torchscript = args.checkpoint, args.torchscript
     if not (checkpoint or torchscript):
         from monai_ecrm.bundle import bundle_path
+        from monai_ecrm.record import file_sha256
 
         bundle_root = Path(args.bundle) if args.bundle else bundle_path()
         models = bundle_root / "models"
-        explainable = args.explain and (models / "model.pt").is_file()  # a TorchScript file has no memory attention
-        if (models / "model.ts").is_file() and not explainable:
-            torchscript = models / "model.ts"
-        elif (models / "model.pt").is_file():
-            checkpoint = models / "model.pt"
+        exported, weights = models / "model.ts", models / "model.pt"
+        # --explain needs the PyTorch network's memory attention, which a TorchScript file does not have
+        if weights.is_file() and (args.explain or not exported.is_file()):
+            checkpoint = weights
+        elif exported.is_file() and not weights.is_file():
+            torchscript = exported
+        elif exported.is_file():
+            origin = (read_record(exported) or {}).get("exported_from") or {}
+            digest = file_sha256(weights)
+            if origin.get("sha256") == digest:
+                torchscript = exported
+            else:
+                checkpoint = weights
+                why = (
+                    f"is stale: it was exported from {origin.get('file', 'weights')} sha256 {origin['sha256'][:12]}, "
+                    f"{weights.name} is sha256 {digest[:12]}"
+                    if origin.get("sha256")
+                    else "does not name the weights it was exported from (no exported_from in its record)"
+                )
+                logger.warning(
+                    "model: %s %s; running %s instead. Re-export it: python -m monai.bundle ckpt_export network_def "
+                    "--filepath %s --ckpt_file %s --config_file %s --bundle_root %s, then python -m monai_ecrm.record "
+                    "embed %s",
+                    exported,
+                    why,
+                    weights,
+                    exported,
+                    weights,
+                    bundle_root / "configs" / "inference.json",
+                    bundle_root,
+                    exported,
+                )
         else:
             raise ValueError(_no_model(bundle_root))
     file = Path(checkpoint or torchscript)
+    _check_model_file(file, "checkpoint" if checkpoint else "torchscript", bundle_root)
     recorded = read_record(file) is not None
     flags: dict[str, Any] = {}
     if bundle_root is not None and not recorded:  # a bundle trained before records: its config's values, below ours
@@ -333,12 +391,94 @@ def _load(args: argparse.Namespace, device: str) -> _Model:
     }
     flags.update((key, value) for key, value in given.items() if value is not None)
     labels = {"flags": "the command line"}
-    network, record = load_model_and_record(checkpoint, torchscript, flags, device, labels)
+    try:
+        network, record = load_model_and_record(checkpoint, torchscript, flags, device, labels)
+    except ValueError as error:
+        if "weights_only" not in str(error):
+            raise
+        # torch's advice (weights_only=False) would run code from the file: say what the file holds instead
+        raise ValueError(
+            f"{file}: holds Python objects besides tensors (a pickled network or training state?), which are not "
+            "loaded since unpickling them could run code from the file: give the network's state dict "
+            "(torch.save(network.state_dict(), ...)) or its TorchScript export (--torchscript)"
+        ) from None
     settings = {key: record["preprocessing"][key] for key in ("spatial_size", "normalization")}
     settings["threshold"] = record["threshold"]
     backbone = record["network"]["kwargs"]["backbone"]
     installed = not (args.checkpoint or args.torchscript or args.bundle)
     return _Model(network, file, backbone, bundle_root, settings, record, recorded, installed)
+
+
+_MODEL_OPTIONS = {
+    "checkpoint": "PyTorch weights (a state dict or training checkpoint)",
+    "torchscript": "a TorchScript file",
+    "onnx": "an ONNX file",
+}
+"""What each model option takes, by the kind :func:`_model_file_kind` gives."""
+
+
+def _model_file_kind(path: Path) -> str:
+    """What a model file is, from its first bytes and (for a zip archive) its members: ``"checkpoint"`` (a
+    ``torch.save`` archive or a legacy pickle), ``"torchscript"``, ``"onnx"``, ``"json"``, ``"zip"`` (another zip
+    archive), ``"empty"`` or ``"other"``; nothing in it is unpickled or run."""
+    with open(path, "rb") as stream:
+        head = stream.read(512)
+    if not head:
+        return "empty"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "zip"
+        if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
+            return "torchscript"
+        return "checkpoint" if any(name.endswith("data.pkl") for name in names) else "zip"
+    if head[:1] == b"\x80":  # a pickle (protocol 2+): torch.save's format before PyTorch 1.6
+        return "checkpoint"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "json"
+    # an ONNX ModelProto starts with ir_version (field 1, varint) and names its producer (field 2) or graph
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"\x12" in head[2:4]):
+        return "onnx"
+    return "other"
+
+
+def _model_file_problem(path: Path, option: str) -> str | None:
+    """One line naming ``path`` and why ``--<option>`` cannot take it (another option's kind of file, or no model at
+    all), or ``None`` when it is the option's kind of file (whether it loads is for the loader to say)."""
+    if not path.exists():
+        return f"{path}: no such file"
+    if path.is_dir():
+        return f"{path}: a folder, not a model file (a bundle folder is given with --bundle)"
+    try:
+        kind = _model_file_kind(path)
+    except OSError as error:
+        return f"{path}: cannot be read: {error}"
+    if kind == option:
+        return None
+    if kind in _MODEL_OPTIONS:
+        return f"{path} is {_MODEL_OPTIONS[kind]}, not {_MODEL_OPTIONS[option]}: use --{kind} {path}"
+    what = {
+        "empty": "an empty file (0 bytes)",
+        "json": "a JSON file (a model record?), not the model: give the weights file it describes",
+        "zip": "a zip archive that is no PyTorch file",
+    }.get(kind, "not a model file (neither PyTorch, TorchScript nor ONNX)")
+    return f"{path} is {what}" if kind != "other" else f"{path}: {what}"
+
+
+def _check_model_file(path: Path, option: str, bundle_root: Path | None = None) -> None:
+    """Raise the one-line error of :func:`_model_file_problem` (for a model a bundle folder holds, naming
+    ``--bundle``).
+
+    Raises:
+        ValueError: ``path`` is not the kind of file ``--<option>`` takes.
+    """
+    problem = _model_file_problem(path, option)
+    if problem is not None:
+        if bundle_root is not None:
+            problem += f" (the model of --bundle {bundle_root})"
+        raise ValueError(problem)
 
 
 def _log_model(model: _Model) -> None:
@@ -399,6 +539,13 @@ def _summary(results: Sequence[InputResult], report: Path) -> int:
     for result in results:
         if result.status in _EVENT_LEVELS:
             logger.log(_EVENT_LEVELS[result.status], "%s: %s: %s", result.status, result.input, result.detail)
+    replaced = sum(result.status != "failed" and "replaced-" in result.detail for result in results)
+    if replaced:
+        logger.warning(
+            "replaced the outputs of %d inputs made by another model, for another input, incomplete or of unknown "
+            "origin (report.csv: detail)",
+            replaced,
+        )
     counts = {status: sum(result.status == status for result in results) for status in ("written", "skipped-existing")}
     skipped = sum(result.status == "skipped" for result in results)
     failed = sum(result.status in ("failed", "partial") for result in results)
@@ -440,7 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             inputs = find_inputs(args.input, exclude=[output_dir])
             if not inputs:
                 raise ValueError(f"{args.input}: no file found")
-            output_stems(inputs, output_dir, data_root_dir)  # two inputs sharing an output: before anything is written
+            # two inputs sharing an output: before anything is written
+            output_stems(inputs, output_dir, data_root_dir, dicom_png=args.dicom_png or bool(args.explain))
             if args.explain and not callable(getattr(model.network, "forward_with_shares", None)):
                 raise ValueError(
                     f"--explain needs the network's memory attention, which a TorchScript model does not have "
@@ -474,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bundle_root=model.bundle_root,
             algorithm_parameters=model.algorithm_parameters(),
             case_pictures=pictures,
+            model_columns=model.columns(),
         )
         results: list[InputResult] = []
         try:

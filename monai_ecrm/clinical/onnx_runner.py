@@ -1,7 +1,9 @@
 """An exported ECRM-UNet run by ONNX Runtime as a clinical job's model (``monai-ecrm-infer --onnx``).
 
 An ONNX file written by ``python -m monai_ecrm.onnx export`` (float32) or ``quantize`` (INT8) carries the record of the
-model (:mod:`monai_ecrm.onnx`): the network input size, the normalisation and the threshold it was made for.
+model (:mod:`monai_ecrm.onnx`): the network input size, the normalisation and the threshold it was made for, which the
+export takes from the record of the checkpoint it exports (``models/model.json``, with what the model was trained on
+and its memory's case names) and the checkpoint it was exported from (``exported_from``).
 :class:`OnnxRunner` reads them into :attr:`OnnxRunner.settings`, the values a
 :class:`~monai_ecrm.clinical.job.ClinicalInference` takes, so the frames go through the very transforms of the PyTorch
 path (:func:`~monai_ecrm.clinical.pipeline.clinical_preprocessing`, the bundle's ``infer_transforms``) with the

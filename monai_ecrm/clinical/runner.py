@@ -14,14 +14,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from monai_ecrm.inferers import AutocastInferer
-
-if TYPE_CHECKING:
-    from monai_ecrm.clinical.explain import Explanation
 
 __all__ = [
     "BUNDLE_SETTINGS",
@@ -55,7 +52,8 @@ class FrameOutput:
 
     logits: torch.Tensor
     columns: dict[str, str] = field(default_factory=dict)
-    explanation: Explanation | None = None
+    #: an ``Explanation`` (typed ``Any``: explain.py builds on this module, not the other way round)
+    explanation: Any = None
 
 
 class ModelRunner(Protocol):

@@ -2,7 +2,9 @@
 
 A SEG per DICOM source instance (:func:`~monai_ecrm.clinical.seg.build_dicom_seg`; the frames of a multi-frame
 source are collected, bit-packed, until the last one arrives), the bundle's PNG/NIfTI masks for every other format,
-each written in a :class:`~monai_ecrm.clinical.writing.PartialFolder` and renamed into place when complete.
+each written in a :class:`~monai_ecrm.clinical.writing.PartialFolder` and renamed into place when complete. A SEG with
+only some of its source's frames (:meth:`SaveDicomSegd.flush`) is published under
+:func:`~monai_ecrm.clinical.writing.partial_output_path` (``video_seg.partial.dcm``), never under its final name.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from monai.transforms import MapTransform
 
 from monai_ecrm.clinical.seg import SEG_SERIES_NUMBER, build_dicom_seg, bundle_version, derive_seg, encode_frame
 from monai_ecrm.clinical.sources import DicomSource
-from monai_ecrm.clinical.writing import PartialFolder, prediction_path, source_key
+from monai_ecrm.clinical.writing import PartialFolder, partial_output_path, prediction_path, source_key
 from monai_ecrm.transforms.io import SavePredictiond
 
 __all__ = ["SaveDicomSegd"]
@@ -44,8 +46,11 @@ class SaveDicomSegd(MapTransform):
     Predictions come as ``Invertd`` gives them (``[1, W, H]`` at the source's size, carrying the source's metadata):
     0/1 masks, or foreground probabilities with ``probabilities=True`` (a FRACTIONAL SEG, 0..255 PNGs, float
     NIfTI). A frame of a multi-frame DICOM source is kept, bit-packed, until every frame of that source has come; then
-    its SEG is written. :meth:`flush` writes a SEG with the frames that came (a job whose other frames could not be
-    decoded). Every file is written in a private folder inside ``output_dir`` and renamed into place when complete.
+    its SEG is written (and a ``.partial`` SEG of an earlier job for it removed). :meth:`flush` writes a SEG with the
+    frames that came (a job whose other frames could not be decoded) under
+    :func:`~monai_ecrm.clinical.writing.partial_output_path` (``video_seg.partial.dcm``): not under the final name,
+    which only a SEG of every frame gets, so a rerun does not take it for done. Every file is written in a private
+    folder inside ``output_dir`` and renamed into place when complete.
 
     A SEG is built from its source's header: the one a job handed over with :meth:`use_source` (read once for
     decoding and writing), else read from the file when the SEG is written. Outputs are named with the stems a job sets
@@ -158,7 +163,11 @@ class SaveDicomSegd(MapTransform):
             algorithm_parameters=self.algorithm_parameters,
         )
 
-    def _write_seg(self, source_path: str, masks: np.ndarray | None, pending: _PendingSeg | None) -> Path:
+    def _write_seg(
+        self, source_path: str, masks: np.ndarray | None, pending: _PendingSeg | None, incomplete: bool = False
+    ) -> Path:
+        """Build and publish the SEG of a source: under its final name, or under its ``.partial`` name when
+        ``incomplete`` (some frames missing)."""
         header = self.source_header(source_path)
         identification = self._identification(header)
         if pending is None:
@@ -169,9 +178,15 @@ class SaveDicomSegd(MapTransform):
             seg = derive_seg(header, None, encoded, [n + 1 for n in numbers], self.probabilities, identification)
         stem = self.output_stems.get(source_key(source_path))
         final = prediction_path(source_path, self.output_dir, None, self.data_root_dir, self.output_postfix, stem=stem)
+        stale = partial_output_path(final)
+        if incomplete:
+            final, stale = stale, None
         written = self.partial.folder / final.name
         seg.save_as(written)
-        return self.partial.publish(written, final)
+        published = self.partial.publish(written, final)
+        if stale is not None and stale.is_file():  # the partial SEG of an earlier job: this one holds every frame
+            stale.unlink()
+        return published
 
     def _collect(self, prediction: Any) -> None:
         meta = prediction.meta
@@ -189,8 +204,9 @@ class SaveDicomSegd(MapTransform):
             self._write_seg(source_path, None, pending)
 
     def flush(self, source_path: str | os.PathLike | None = None) -> list[Path]:
-        """Write the SEGs of multi-frame sources still waiting for frames, with the frames that came; the headers
-        given to :meth:`use_source` for them are then let go.
+        """Write the SEGs of multi-frame sources still waiting for frames, with the frames that came, under their
+        ``.partial`` names (:func:`~monai_ecrm.clinical.writing.partial_output_path`); the headers given to
+        :meth:`use_source` for them are then let go.
 
         Args:
             source_path: only this source; all when not given.
@@ -204,7 +220,7 @@ class SaveDicomSegd(MapTransform):
             for source in sources:
                 pending = self._pending.pop(source, None)
                 if pending is not None and pending.frames:
-                    written.append(self._write_seg(source, None, pending))
+                    written.append(self._write_seg(source, None, pending, incomplete=True))
         finally:
             for source in list(self._sources) if source_path is None else [str(source_path)]:
                 self._sources.pop(source, None)

@@ -18,6 +18,10 @@ reads them back.
 
 Frames of a long video are kept bit-packed (:func:`encode_frame`) until the last one arrives, and the SEG is built from
 them (:func:`derive_seg`) without unpacking.
+
+:func:`read_seg_origin` reads back, from a SEG already written, what a rerun needs to know before it takes the file
+for done: the algorithm parameters (the model file and its short SHA-256), the source instances it references and its
+number of frames.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import os
 import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +46,12 @@ __all__ = [
     "POLYP_CATEGORY",
     "POLYP_TYPE",
     "SEG_SERIES_NUMBER",
+    "SegOrigin",
     "build_dicom_seg",
     "bundle_version",
     "derive_seg",
     "encode_frame",
+    "read_seg_origin",
 ]
 
 ALGORITHM_NAME = "monai-ecrm polyp_ecrm"
@@ -86,7 +93,7 @@ def bundle_version(bundle_root: str | os.PathLike | None = None) -> str:
     Args:
         bundle_root: a bundle folder.
     """
-    from monai_ecrm import __version__
+    from monai_ecrm.version import __version__
 
     try:
         if bundle_root is None:
@@ -134,7 +141,7 @@ def _prepared_source(header):
 def _software_versions() -> str:
     import highdicom
 
-    from monai_ecrm import __version__
+    from monai_ecrm.version import __version__
 
     return f"monai-ecrm {__version__}, highdicom {highdicom.__version__}"
 
@@ -373,3 +380,54 @@ def derive_seg(
         raise fail(
             source_path, f"highdicom cannot derive a segmentation from this image ({sop_class_name(source)}): {error}"
         ) from None
+
+
+@dataclass
+class SegOrigin:
+    """What a SEG written here says about how it was made (:func:`read_seg_origin`).
+
+    Args:
+        parameters: the algorithm parameters of its segment (``model``, ``model_sha256``, ``threshold``, ...), empty
+            for a SEG of another algorithm or without parameters.
+        algorithm: the segment's Algorithm Name (:data:`ALGORITHM_NAME` for a SEG of this package).
+        sources: the SOP Instance UIDs of the source images it references.
+        num_frames: its frames (one per segmented source frame).
+    """
+
+    parameters: dict[str, str] = field(default_factory=dict)
+    algorithm: str = ""
+    sources: set[str] = field(default_factory=set)
+    num_frames: int = 0
+
+
+def read_seg_origin(path: str | os.PathLike) -> SegOrigin:
+    """Read, without its pixel data, how a SEG was made: its algorithm parameters (``model_sha256`` names the model, see
+    :func:`build_dicom_seg`), the source instances it references and its number of frames.
+
+    Args:
+        path: a SEG file.
+
+    Raises:
+        DataError: the file cannot be read as DICOM, or is no Segmentation.
+    """
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as error:  # pydicom raises many types on damaged files
+        raise fail(path, f"unreadable DICOM file: {error}") from None
+    if dataset.get("Modality") != "SEG" or "SegmentSequence" not in dataset:
+        raise fail(path, "not a DICOM Segmentation")
+    origin = SegOrigin(num_frames=int(dataset.get("NumberOfFrames", 1) or 1))
+    segments = dataset.SegmentSequence
+    algorithms = segments[0].get("SegmentationAlgorithmIdentificationSequence") if len(segments) else None
+    if algorithms:
+        origin.algorithm = str(algorithms[0].get("AlgorithmName", ""))
+        text = str(algorithms[0].get("AlgorithmParameters", "") or "")
+        # _parameter_value wrote commas in values as semicolons: "key=value,key=value" splits back into its parameters
+        origin.parameters = dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+    for series in dataset.get("ReferencedSeriesSequence", []):
+        for instance in series.get("ReferencedInstanceSequence", []):
+            if instance.get("ReferencedSOPInstanceUID"):
+                origin.sources.add(str(instance.ReferencedSOPInstanceUID))
+    return origin

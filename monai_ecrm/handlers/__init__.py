@@ -14,6 +14,7 @@ from .model_record import ModelRecordHandler
 from .polyp_metric_handlers import EMeasure, PolypOverlap, SMeasure, WeightedFMeasure
 from .progress import ProgressBarHandler
 from .resume import PreserveRandomState, RandomState, latest_checkpoint
+from .training_run import ResumeMismatchError, TrainingRun
 from .training_state import CosineScheduleHandler, PreserveNetworkState, PruneCheckpoints, cosine_factor
 
 __all__ = [
@@ -33,7 +34,9 @@ __all__ = [
     "PruneCheckpoints",
     "ProgressBarHandler",
     "RandomState",
+    "ResumeMismatchError",
     "SMeasure",
+    "TrainingRun",
     "WeightedFMeasure",
     "case_names",
     "cosine_factor",

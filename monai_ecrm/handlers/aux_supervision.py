@@ -17,6 +17,8 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
+from monai_ecrm.networks.utils import unwrap_network
+
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -38,18 +40,6 @@ __all__ = [
 LOSS_MAIN, LOSS_AUX, AUX_WEIGHT = "loss_main", "loss_aux", "aux_weight"
 #: schedule types accepted in the declarative form of ``weight_schedule``
 SCHEDULE_TYPES = ("constant", "linear", "cosine")
-
-
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The plain module inside ``DistributedDataParallel``/``DataParallel`` (``.module``) or ``torch.compile``
-    (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            network = network.module
-        elif isinstance(getattr(network, "_orig_mod", None), nn.Module):
-            network = network._orig_mod
-        else:
-            return network
 
 
 def has_memory(network: nn.Module, module_name: str = "ecrm") -> bool:

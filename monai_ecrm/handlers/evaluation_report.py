@@ -19,7 +19,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from PIL import Image, ImageDraw
 
 from monai_ecrm.clinical.explain import CasePictures
-from monai_ecrm.handlers.report_page import write_report_page
+from monai_ecrm.handlers.report_page import model_identity, write_report_page
 from monai_ecrm.metrics.evaluation import foreground_counts, summarize, write_tables
 from monai_ecrm.metrics.functional import SUITE_KEYS, _check_normalize, minmax_normalize, polyp_metric_suite
 
@@ -93,6 +93,7 @@ class EvaluationReport:
         explanation_key: key of an item's :class:`~monai_ecrm.clinical.explain.Explanation` in the output item (kept
             in the item's row as ``"explanation"``, not in the CSV files); ``None`` reads none.
         case_pictures: the memory cases' pictures for the page's thumbnails; ``None``: names and shares only.
+        model_file: the model scored: ``report.html`` names it (file, sha256, size, threshold, date of the run).
     """
 
     def __init__(
@@ -111,6 +112,7 @@ class EvaluationReport:
         html: bool = False,
         explanation_key: str | None = "explanation",
         case_pictures: CasePictures | None = None,
+        model_file: str | os.PathLike | None = None,
     ) -> None:
         image_layout = image_layout or spatial_layout
         for name, layout in (("spatial_layout", spatial_layout), ("image_layout", image_layout)):
@@ -128,6 +130,7 @@ class EvaluationReport:
         self.image_layout = image_layout
         self.normalize = _check_normalize(normalize)
         self.html = html
+        self.model_file = model_file
         self.explanation_key = explanation_key
         self.case_pictures = case_pictures
         self.rows: list[dict[str, Any]] = []
@@ -302,7 +305,10 @@ class EvaluationReport:
                 )
             worst[dataset] = cases
         note = explain_problem or "no MemoryExplanationHandler explained the images (the bundle's explain is 0)"
-        write_report_page(self.output_dir, self.summary, worst, note, self.case_pictures)
+        model = None
+        if self.model_file is not None and Path(self.model_file).is_file():
+            model = model_identity(self.model_file, self.threshold)
+        write_report_page(self.output_dir, self.summary, worst, note, self.case_pictures, model=model)
 
 
 def render_overlay(

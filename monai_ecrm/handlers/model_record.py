@@ -1,10 +1,11 @@
-"""The model record of a training run (``models/model.json``), written when training starts and updated when it ends."""
+"""The model record of the best model (``models/model.json``), written with the weights it describes."""
 
 from __future__ import annotations
 
 import datetime
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from monai_ecrm.record import (
     DEFAULT_THRESHOLD,
     RecordConflictError,
+    describe_weights,
     make_record,
     record_from_network,
     write_record,
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["ModelRecordHandler", "datalist_summary"]
+__all__ = ["ModelRecordHandler", "datalist_summary", "training_data"]
 
 
 def _now() -> str:
@@ -50,44 +52,68 @@ def _image_paths(items: Sequence[Any]) -> list[str]:
 
 
 def datalist_summary(datalist: Mapping[str, Sequence[Any]] | Sequence[Any]) -> dict[str, Any]:
-    """``{"train_images", "val_images", "datalist_sha256"}`` of a bundle datalist (``{"training": [...],
+    """``{"train_images", "val_images", "datalist_sha256", "split_sha256"}`` of a bundle datalist (``{"training": [...],
     "validation": [...]}``, or one list of training items): the counts, and a SHA-256 of the training images' paths
-    (frames included) in order, which tells two training sets apart without storing them."""
+    (frames included) in order, which tells two training sets apart without storing them, and one of the training and
+    validation pictures together, named relative to their common folder (what a resume must find unchanged,
+    wherever the data now lie)."""
     training = datalist.get("training", []) if isinstance(datalist, Mapping) else datalist
     validation = datalist.get("validation", []) if isinstance(datalist, Mapping) else []
     digest = hashlib.sha256("\n".join(_image_paths(training)).encode("utf-8")).hexdigest()
-    return {"train_images": len(training), "val_images": len(validation), "datalist_sha256": digest}
+    # the split's fingerprint names each picture relative to the folder common to all of them: the same data moved or
+    # copied elsewhere (a bundle copied with its demo set) is the same split, other data is not
+    train_names, val_names = _image_paths(training), _image_paths(validation)
+    everything = [name for name in train_names + val_names if name]
+    common = os.path.commonpath([os.path.dirname(name) for name in everything]) if everything else ""
+    relative = [os.path.relpath(name, common) if common else name for name in train_names + ["|"] + val_names]
+    relative[len(train_names)] = ""
+    both = hashlib.sha256("\n".join(relative).encode("utf-8"))
+    return {
+        "train_images": len(training),
+        "val_images": len(validation),
+        "datalist_sha256": digest,
+        "split_sha256": both.hexdigest(),
+    }
 
 
 class ModelRecordHandler:
-    """Writes the model record (:mod:`monai_ecrm.record`) of a training run beside its weights: ``models/model.json``
-    beside ``models/model.pt`` and the ``checkpoint_*.pt`` files, so that the command, TorchScript and ONNX exports
-    run the model as it was trained.
+    """Writes the model record (:mod:`monai_ecrm.record`) of ``models/model.pt`` each time the best-model saver writes
+    it, in the same event and the same process, so that ``models/model.json`` always describes the weights beside it:
+    the record names their SHA-256 (``weights``), and every reader refuses a record whose digest is not the file's.
 
-    The values are the run's own: the network's construction arguments are read from the built network
-    (``engine.network``, :func:`~monai_ecrm.record.record_from_network`), and the preprocessing values are the
-    configuration's evaluated ones, so command-line overrides (``--spatial_size 256``) are what is written, not the
-    config file as written.
+    Attach it to the **evaluator**, after the ``CheckpointSaver`` that writes ``model.pt`` (``save_key_metric``), so
+    that it runs once that saver is done. At every ``EPOCH_COMPLETED`` it looks at ``model.pt``: when the file is not
+    the one it last described (another inode, size or modification time: a new save is an atomic rename), it hashes
+    it and writes the record atomically (0644). ``model.pt`` is written first and the record second; a reader that
+    comes between the two renames (or after a crash there) finds a record naming other weights and stops with one
+    line instead of running a model under the wrong description.
 
-    Events used: ``STARTED`` (the record is written before the first iteration, so an interrupted run has one; the
-    training entry says ``"completed": false``) and ``COMPLETED`` (the record is rewritten with the epochs and steps
-    run and ``"completed": true``). Writes are atomic; under ``torch.distributed`` only rank 0 writes. Written to
-    ``engine.state``: ``model_record``, the record last written. A network that is not an ``ECRMUNet`` (MONAI's
-    ``FlexibleUNet`` as ``network_def``, the accuracy study's baseline) gets no record: one log line says so.
+    The record holds: every construction argument of the network, read from the built network
+    (:func:`~monai_ecrm.record.record_from_network`, with ``network_kwargs`` for those it does not show), the
+    configuration's evaluated input size and normalisation (command-line overrides included), the threshold, the
+    memory's size, fill and case names at the moment of the save, the training data's fingerprint and size
+    (:func:`datalist_summary`), the epoch and key metric of the weights, the run they belong to (set by
+    :class:`~monai_ecrm.handlers.TrainingRun`), and the weights' ``{"file", "sha256", "bytes"}``. A network that is not
+    an ``ECRMUNet`` (MONAI's ``FlexibleUNet`` as ``network_def``) gets no record: one log line says so. Under
+    ``torch.distributed`` attach it on rank 0 only (where ``model.pt`` is written).
+
+    Events used: ``EPOCH_COMPLETED`` of the evaluator. Written to ``engine.state``: ``model_record``, the record last
+    written.
 
     Args:
-        path: the folder of the weights (the bundle's ``@ckpt_dir``; ``model.json`` in it) or the record's file.
+        path: the folder of the weights (the bundle's ``@ckpt_dir``) or the weights file (``models/model.pt``).
         spatial_size: the network input size of the preprocessing (``@spatial_size``).
         normalization: the input normalisation's name (``@normalization``); ``None`` follows the backbone.
         threshold: the probability threshold of the masks.
-        network_kwargs: construction arguments the network does not show (``norm``, ``act``, ``dropout``,
-            ``interp_mode``) when they are not ECRMUNet's defaults; checked against the network.
+        network_kwargs: construction arguments the network does not show (``norm``, ``act``, ``dropout``) when they
+            are not ECRMUNet's defaults; checked against the network.
         datalist: the training datalist (``@datalist``: ``{"training": [...], "validation": [...]}``), for the counts
             and a fingerprint of the training images.
         dataset_dir: where the training data came from (``@dataset_dir``).
         demo_dir: the bundle's synthetic demo folder (``@demo_dir``): a run on it is described as such.
         description: free text about the training data (e.g. ``"Kvasir-SEG + CVC-ClinicDB, PraNet split"``).
-        memory_sources: names of the cases the memory slots were written from, if known.
+        weights_name: the weights file's name in ``path`` (the saver's ``key_metric_filename``).
+        module_name: dotted path of the ECRM module (for the memory's fill and names).
         name: logger name; ``None`` uses ``engine.logger``.
     """
 
@@ -102,10 +128,12 @@ class ModelRecordHandler:
         dataset_dir: str | os.PathLike | None = None,
         demo_dir: str | os.PathLike | None = None,
         description: str | None = None,
-        memory_sources: Sequence[str] | None = None,
+        weights_name: str = "model.pt",
+        module_name: str = "ecrm",
         name: str | None = None,
     ) -> None:
-        self.path = Path(path)
+        path = Path(path)
+        self.weights = path if path.suffix else path / weights_name
         self.spatial_size = spatial_size
         self.normalization = normalization
         self.threshold = threshold
@@ -114,28 +142,36 @@ class ModelRecordHandler:
         self.dataset_dir = dataset_dir
         self.demo_dir = demo_dir
         self.description = description
-        self.memory_sources = memory_sources
+        self.module_name = module_name
         self._name = name
         self.logger = logging.getLogger(name)
-        self._kwargs: dict[str, Any] | None = None
-        self._training: dict[str, Any] = {}
+        #: the run the weights belong to (``{"run_id", ...}``), set by :class:`~monai_ecrm.handlers.TrainingRun`
+        self.run: dict[str, Any] = {}
+        self.max_epochs: int | None = None
+        self._seen: tuple[int, int, int] | None = self._stat()
         self._skipped = False
 
     def attach(self, engine: Engine) -> None:
-        """Register :meth:`started` at ``STARTED`` and :meth:`completed` at ``COMPLETED``.
+        """Register :meth:`__call__` at the evaluator's ``EPOCH_COMPLETED`` (attach after the best-model saver).
 
         Args:
-            engine: a MONAI trainer (its ``network`` is the ECRMUNet trained).
+            engine: the MONAI evaluator whose ``CheckpointSaver`` writes the weights.
         """
         if self._name is None:
             self.logger = engine.logger
-        engine.add_event_handler(Events.STARTED, self.started)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self.weights.stat()
+        except OSError:
+            return None
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
     def _describes(self, engine: Engine) -> bool:
-        """Whether the trained network is one a record describes (an ``ECRMUNet``); says once when it is not."""
-        from monai_ecrm.handlers.aux_supervision import unwrap_network
+        """Whether the network is one a record describes (an ``ECRMUNet``); says once when it is not."""
         from monai_ecrm.networks.nets import ECRMUNet
+        from monai_ecrm.networks.utils import unwrap_network
 
         plain = unwrap_network(engine.network)
         if isinstance(plain, ECRMUNet):
@@ -160,72 +196,87 @@ class ModelRecordHandler:
         return record["network"]["kwargs"]
 
     def _data(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"description": self.description}
-        if self.dataset_dir is not None:
-            dataset = Path(self.dataset_dir).expanduser().resolve()
-            data["dataset_dir"] = str(dataset)
-            if self.demo_dir is not None and dataset == Path(self.demo_dir).expanduser().resolve():
-                data["description"] = self.description or (
-                    "SYNTHETIC demo set (monai_ecrm.data.make_demo_dataset: drawn blobs, not polyps)"
-                )
-        if self.datalist is not None:
-            data.update(datalist_summary(self.datalist))
-        return data
+        return training_data(self.datalist, self.dataset_dir, self.demo_dir, self.description)
 
-    def _write(self, engine: Engine) -> None:
-        record = make_record(
-            self._kwargs or {},
+    def _memory(self, engine: Engine) -> tuple[dict[str, Any], list[str | None] | None]:
+        from monai_ecrm.handlers.memory_bank import find_memory_bank
+
+        try:
+            bank = find_memory_bank(engine.network, self.module_name)
+        except AttributeError:
+            return {}, None
+        return {"slots": int(bank.num_slots), "filled": int(bank.filled)}, bank.slot_names()
+
+    def run_record(self, engine: Engine) -> dict[str, Any] | None:
+        """The record of the network ``engine`` trains, without weights (what a training checkpoint carries), or
+        ``None`` for a network that is no ECRMUNet."""
+        if not self._describes(engine):
+            return None
+        training = {**self._data(), **self.run, "max_epochs": self.max_epochs, "world_size": _world_size()}
+        return make_record(
+            self._network_kwargs(engine),
             spatial_size=self.spatial_size,
             normalization=self.normalization,
             threshold=self.threshold,
-            training=self._training,
-            memory_sources=self.memory_sources,
+            training=training,
+        )
+
+    def __call__(self, engine: Engine) -> None:
+        """Write the record when the weights file changed since it was last described.
+
+        Args:
+            engine: the evaluator.
+        """
+        stat = self._stat()
+        if stat is None or stat == self._seen or not self._describes(engine):
+            return
+        memory, names = self._memory(engine)
+        metrics = {key: float(value) for key, value in (engine.state.metrics or {}).items() if _is_number(value)}
+        training = {
+            **self._data(),
+            **self.run,
+            "epoch": int(engine.state.epoch),
+            "max_epochs": self.max_epochs,
+            "metrics": metrics,
+            "saved": _now(),
+            "world_size": _world_size(),
+        }
+        record = make_record(
+            self._network_kwargs(engine),
+            spatial_size=self.spatial_size,
+            normalization=self.normalization,
+            threshold=self.threshold,
+            training=training,
+            memory=memory,
+            memory_sources=names,
+            weights=describe_weights(self.weights),
         )
         engine.state.model_record = record
-        if _world_size() > 1 and torch.distributed.get_rank() != 0:
-            return
-        written = write_record(self.path, record)
-        self.logger.info(f"model record written: {written}")
+        written = write_record(self.weights, record)
+        self._seen = stat
+        self.logger.info(f"model record written: {written} (describes {self.weights.name}, epoch {training['epoch']})")
 
-    def started(self, engine: Engine) -> None:
-        """Write the record with ``"completed": false`` (the run's settings, before any iteration).
 
-        Args:
-            engine: the trainer.
-        """
-        if not self._describes(engine):
-            return
-        self._kwargs = self._network_kwargs(engine)
-        loader = getattr(engine, "data_loader", None)
-        self._training = {
-            **self._data(),
-            "max_epochs": engine.state.max_epochs,
-            "epoch_length": engine.state.epoch_length,
-            "batch_size": getattr(loader, "batch_size", None),
-            "world_size": _world_size(),
-            "epochs": None,
-            "steps": None,
-            "completed": False,
-            "started": _now(),
-            "finished": None,
-        }
-        self._write(engine)
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
-    def completed(self, engine: Engine) -> None:
-        """Rewrite the record with the epochs and steps run and ``"completed": true``.
 
-        Args:
-            engine: the trainer.
-        """
-        if not self._describes(engine):
-            return
-        if self._kwargs is None:
-            self._kwargs = self._network_kwargs(engine)
-        self._training.update(
-            epochs=engine.state.epoch,
-            steps=engine.state.iteration,
-            max_epochs=engine.state.max_epochs,
-            completed=True,
-            finished=_now(),
-        )
-        self._write(engine)
+def training_data(
+    datalist: Mapping[str, Sequence[Any]] | Sequence[Any] | None,
+    dataset_dir: str | os.PathLike | None = None,
+    demo_dir: str | os.PathLike | None = None,
+    description: str | None = None,
+) -> dict[str, Any]:
+    """What a record and a training checkpoint say about the training data: ``dataset_dir`` (resolved), a
+    ``description`` (the synthetic demo set says so), and :func:`datalist_summary`'s counts and fingerprint."""
+    data: dict[str, Any] = {"description": description}
+    if dataset_dir is not None:
+        dataset = Path(dataset_dir).expanduser().resolve()
+        data["dataset_dir"] = str(dataset)
+        if demo_dir is not None and dataset == Path(demo_dir).expanduser().resolve():
+            data["description"] = description or (
+                "SYNTHETIC demo set (monai_ecrm.data.make_demo_dataset: drawn blobs, not polyps)"
+            )
+    if datalist is not None:
+        data.update(datalist_summary(datalist))
+    return data

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +28,13 @@ class ProgressBarHandler:
     main/aux/weight when ``AuxSupervisionHandler`` is attached); on an evaluator, whose output has no loss, only the
     count.
 
+    While the bar runs, log lines printed to the console (the root logger's stream handlers on ``sys.stdout`` or
+    ``sys.stderr``) go through ``tqdm.write``, which clears the bar, prints the line and redraws the bar below it:
+    without that the two overwrite each other in a terminal.
+
     Events used (when enabled): those of ignite's ``ProgressBar`` (``ITERATION_COMPLETED`` to advance,
-    ``EPOCH_COMPLETED`` to close). Writes nothing to ``engine.state``.
+    ``EPOCH_COMPLETED`` to close), ``COMPLETED`` and ``EXCEPTION_RAISED`` (console streams restored). Writes nothing
+    to ``engine.state``.
 
     Args:
         enabled: attach the bar at all.
@@ -68,6 +75,41 @@ class ProgressBarHandler:
             kwargs["desc"] = self.desc
         self.bar = ProgressBar(persist=self.persist, **kwargs)
         self.bar.attach(engine, metric_names=self.metric_names, output_transform=self._values)
+        from ignite.engine import Events
+
+        self.route_log_lines()
+        engine.add_event_handler(Events.COMPLETED, self.restore_log_lines)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.restore_log_lines)
+
+    def route_log_lines(self, engine: Engine | None = None) -> None:
+        """Send the console log handlers' lines through ``tqdm.write`` (see the class docstring)."""
+        for handler in logging.getLogger().handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and stream in (sys.stdout, sys.stderr):
+                handler.setStream(_TqdmStream(stream))
+
+    def restore_log_lines(self, engine: Engine | None = None, *args: Any) -> None:
+        """Give the console log handlers their own streams back."""
+        for handler in logging.getLogger().handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(stream, _TqdmStream):
+                handler.setStream(stream.stream)
 
     def _values(self, output: Any) -> dict[str, Any]:
         return self.output_transform(output) or {}
+
+
+class _TqdmStream:
+    """A console stream whose lines are written with ``tqdm.write`` (above any running bar)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        if text:
+            tqdm.write(text, file=self.stream, end="")
+
+    def flush(self) -> None:
+        self.stream.flush()

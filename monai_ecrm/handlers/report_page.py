@@ -10,6 +10,7 @@ never embeds them, and a case whose picture is not here is shown by its name alo
 
 from __future__ import annotations
 
+import datetime
 import html
 import math
 import os
@@ -23,7 +24,7 @@ from PIL import Image
 from monai_ecrm.clinical.explain import CasePictures, Explanation
 from monai_ecrm.metrics.evaluation import TABLE_HEADERS
 
-__all__ = ["MEMORY_CASES_DIR", "REPORT_PAGE", "write_report_page"]
+__all__ = ["MEMORY_CASES_DIR", "REPORT_PAGE", "model_identity", "model_identity_html", "write_report_page"]
 
 REPORT_PAGE = "report.html"
 MEMORY_CASES_DIR = "memory_cases"
@@ -44,6 +45,46 @@ img.case { max-width: 128px; max-height: 128px; display: block; margin-bottom: 2
 """
 
 
+def model_identity(
+    path: str | os.PathLike, threshold: float | str | None = None, when: datetime.datetime | None = None
+) -> dict[str, Any]:
+    """What names a model file in a report: ``file`` (its name), ``sha256`` (of the file, hex), ``bytes`` (its size),
+    ``threshold`` (the operating point used) and ``date`` (of the run, ISO 8601, local time with its offset).
+
+    Args:
+        path: the model file (``models/model.pt``, ``model.ts``, ``model.onnx``).
+        threshold: the mask threshold the run used.
+        when: the date of the run (now when not given).
+    """
+    from monai_ecrm.record import file_sha256
+
+    path = Path(path)
+    when = when or datetime.datetime.now().astimezone()
+    return {
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "bytes": path.stat().st_size,
+        "threshold": threshold,
+        "date": when.isoformat(timespec="seconds"),
+    }
+
+
+def model_identity_html(identity: Mapping[str, Any]) -> str:
+    """A model's :func:`model_identity` as an HTML table (every value escaped), for a report page.
+
+    Args:
+        identity: what :func:`model_identity` returns.
+    """
+    labels = {"file": "Model file", "sha256": "SHA-256", "bytes": "Size (bytes)", "threshold": "Threshold",
+              "date": "Date of the run"}  # fmt: skip
+    rows = []
+    for key, label in labels.items():
+        value = identity.get(key)
+        shown = "n/a" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
+        rows.append(f"<tr><th>{html.escape(label)}</th><td>{html.escape(shown)}</td></tr>")
+    return '<table class="model">\n' + "\n".join(rows) + "\n</table>"
+
+
 def write_report_page(
     output_dir: str | os.PathLike,
     summary: Sequence[Mapping[str, Any]],
@@ -52,6 +93,7 @@ def write_report_page(
     pictures: CasePictures | None = None,
     thumbnail: int = 128,
     digits: int = 3,
+    model: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes ``report.html`` (and the memory cases' thumbnails) in ``output_dir``; returns the page's path.
 
@@ -65,6 +107,7 @@ def write_report_page(
         pictures: the memory cases' pictures; ``None``: names and shares only.
         thumbnail: the thumbnails' longest side in pixels.
         digits: decimals of the scores.
+        model: the model scored (:func:`model_identity`: file, sha256, size, threshold, date), shown under the title.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +118,7 @@ def write_report_page(
         '<html lang="en"><head><meta charset="utf-8"><title>Evaluation report</title>',
         f"<style>{_STYLE}</style></head><body>",
         "<h1>Evaluation report</h1>",
+        *(["<h2>Model</h2>", model_identity_html(model)] if model else []),
         "<p>Scores at each image's original size. Tables: "
         + ", ".join(f'<a href="{name}">{name}</a>' for name in ("summary.csv", "summary.md", "per_image.csv"))
         + ".</p>",

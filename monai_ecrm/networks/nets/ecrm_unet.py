@@ -372,19 +372,6 @@ class ECRMUNet(nn.Module):
         """
         return self.forward_with_shares(x, mask)[1]
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, **overrides: Any) -> ECRMUNet:
-        """The network of a checkpoint, in eval mode, its construction arguments derived from the weights and the
-        model record stored with them (:func:`monai_ecrm.record.load_network`), weights loaded strictly.
-
-        ``path``: a flat state dict (a bundle's ``models/model.pt``, the accuracy protocol's ``final_model.pt``) or a
-        training checkpoint (``network``/``model`` entry). ``overrides``: construction arguments the model does not
-        state; one that contradicts it raises :class:`monai_ecrm.record.RecordConflictError` naming both values.
-        """
-        from monai_ecrm.record import load_network
-
-        return load_network(path, flags=overrides, network_class=cls)[0]
-
 
 def dcrnet(in_channels: int = 3, out_channels: int = 1, bank_size: int = 20, **kwargs: Any) -> ECRMUNet:
     """Function form of :meth:`ECRMUNet.dcrnet` (usable as a bundle ``_target_``)."""
