@@ -99,6 +99,7 @@ def test_training_checkpoints_carry_their_own_record(first_run):
     """``checkpoint_final.pt`` is not ``model.pt``: it is described by the record inside it, not by ``model.json``."""
     network, record = load_network(first_run / "models" / "checkpoint_final.pt")
     assert record["preprocessing"]["spatial_size"] == [64, 64] and "weights" not in record
+    assert record["training"]["run_id"], "the record is the run's, carried inside the checkpoint"
     assert record["network"]["kwargs"]["backbone"] == "resnet10"
 
 
