@@ -499,7 +499,11 @@ def write_pranet_datalist(
 def main(argv: Sequence[str] | None = None) -> int:
     """``monai-ecrm-bundle path`` prints where the installed bundle is; ``monai-ecrm-bundle copy DEST`` copies it
     out (for example to train with its own ``models/`` folder); ``monai-ecrm-bundle pranet-datalist --data DIR
-    --out FILE`` writes the PraNet split (training, a fixed validation split, named test sets) as a datalist JSON."""
+    --out FILE`` writes the PraNet split (training, a fixed validation split, named test sets) as a datalist JSON;
+    ``monai-ecrm-bundle adapt --model models/model.pt --cases DIR --out adapted.pt [--k N] [--mode replace|add]
+    [--site NAME] [--seed S]`` writes a site's labelled cases (DIR/images, DIR/masks) into a copy of the model's ECRM
+    memory, without training (:func:`monai_ecrm.adaptation.adapt_memory`); bad input ends in one ``error:`` line,
+    exit status 2, nothing written."""
     parser = argparse.ArgumentParser(prog="monai-ecrm-bundle", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("path", help="print the folder of the installed polyp_ecrm bundle")
@@ -510,7 +514,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     pranet.add_argument("--out", required=True, help="the datalist JSON to write")
     pranet.add_argument("--val-fraction", type=float, default=0.1, help="share of training cases held out (0.1)")
     pranet.add_argument("--seed", type=int, default=PRANET_VAL_SEED, help="seed of the held-out draw (keep it fixed)")
+    adapt = sub.add_parser(
+        "adapt",
+        help="write a site's labelled cases into the ECRM memory of a copy of a model (no training)",
+        description="Write the prototypes of k labelled cases of a new site into a trained model's ECRM memory; "
+        "everything but the memory stays bit-identical. The adapted weights go to --out, their record beside them "
+        "(<stem>.json); the model is left as it is. Run the result with monai-ecrm-infer --checkpoint OUT.",
+    )
+    adapt.add_argument("--model", required=True, help="the trained model (models/model.pt, its record beside it)")
+    adapt.add_argument("--cases", required=True, help="the site's cases: a folder with images/ and masks/")
+    adapt.add_argument("--out", required=True, help="the adapted weights to write (.pt; not the model)")
+    adapt.add_argument("--k", type=int, default=None, help="use K of the cases, a seeded draw (default: all)")
+    adapt.add_argument(
+        "--mode",
+        choices=("replace", "add"),
+        default="replace",
+        help="replace: empty the memory, then write the cases (default; slots beyond K stay empty and are not "
+        "attended); add: write them after the existing slots, over the oldest when the memory is full",
+    )
+    adapt.add_argument("--site", default=None, help="the site's name in the record (default: the cases folder's)")
+    adapt.add_argument("--seed", type=int, default=0, help="seed of the draw of K cases (0)")
+    adapt.add_argument("--device", default="cpu", help="where to run the encoder (cpu)")
     args = parser.parse_args(argv)
+    if args.command == "adapt":
+        from monai_ecrm.adaptation import adapt_memory
+        from monai_ecrm.record import read_record, record_path
+
+        try:
+            out = adapt_memory(
+                args.model,
+                args.cases,
+                args.out,
+                mode=args.mode,
+                site=args.site,
+                k=args.k,
+                seed=args.seed,
+                device=args.device,
+            )
+        except (ValueError, OSError) as error:  # bad input: the message names the file or argument
+            text = " ".join(str(error).split()) or type(error).__name__
+            print(f"error: {text[:600] + ' ...' if len(text) > 600 else text}", file=sys.stderr)
+            return 2
+        record = read_record(out) or {}
+        done = record.get("adaptation")
+        done = done[-1] if isinstance(done, list) else done or {}
+        memory = record.get("memory") or {}
+        skipped = f" ({len(done['not_written'])} without a prototype)" if done.get("not_written") else ""
+        print(
+            f"{out}: {done.get('written')} of {done.get('k')} case(s) of site {done.get('site')!r} written into the "
+            f"memory ({done.get('mode')}){skipped}; {memory.get('filled')}/{memory.get('slots')} slots filled; "
+            f"record {record_path(out)}"
+        )
+        return 0
     if args.command == "pranet-datalist":
         datalist = write_pranet_datalist(args.data, args.out, val_fraction=args.val_fraction, seed=args.seed)
         tests = Counter(item["dataset"] for item in datalist["test"])
