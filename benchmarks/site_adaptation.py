@@ -192,7 +192,9 @@ def summarize(work: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     for method in METHODS[1:]:
         ks = sorted({e["k"] for e in work.values() if e["method"] == method})
         for k in ks:
-            entries = [e for e in work.values() if e["method"] == method and e["k"] == k and (e["model"], e["draw"]) in none]
+            entries = [
+                e for e in work.values() if e["method"] == method and e["k"] == k and (e["model"], e["draw"]) in none
+            ]
             if not entries:
                 continue
             deltas = [e["dice"] - none[(e["model"], e["draw"])] for e in entries]

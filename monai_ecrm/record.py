@@ -685,7 +685,7 @@ def merge_record(
             normalization=values["normalization"],
             threshold=values["threshold"],
             network_target=(written.get("network") or {}).get("target", NETWORK_TARGET),
-            memory={key: memory[key] for key in ("slots", "filled") if key in memory},
+            memory={key: memory[key] for key in ("slots", "filled", "selection") if key in memory},
             source=written.get("source"),
             training=written.get("training"),
             memory_sources=memory.get("sources"),

@@ -18,7 +18,7 @@ from test_bundle import BUNDLE, TINY, bundle_run
 from torch.utils.data import DataLoader
 
 from monai_ecrm.bundle import training_datalist, training_prepare_batch
-from monai_ecrm.data import with_case_index
+from monai_ecrm.data import select_memory_cases, with_case_index
 from monai_ecrm.handlers import refresh_memory
 from monai_ecrm.handlers.case_names import CaseNamesHandler, case_names
 from monai_ecrm.networks.nets import ECRMUNet
@@ -137,7 +137,10 @@ def test_every_checkpoint_names_its_memory_after_training_items_never_validation
         assert table == names, f"{path.name}: the names of the training list travel with the weights"
         assert not {split["training"][source]["image"] for source in sources} & validation
     sources, table, _ = _memory(trained / "models" / "model.pt")  # the memory validation refreshed
-    assert table == names and sorted(sources) == list(range(6)), "the refresh writes the same index space"
+    chosen = select_memory_cases(with_case_index(split["training"]), 6, "stratified", seed=0)
+    assert table == names and sorted(sources) == sorted(item["case_index"] for item in chosen), (
+        "the refresh writes the cases the memory policy chose, in the same index space"
+    )
 
 
 def test_a_resumed_run_keeps_the_table_and_the_slots_cases(trained, tmp_path):

@@ -28,10 +28,18 @@ from monai_ecrm.data.image_io import (
     read_picture,
 )
 from monai_ecrm.data.image_reader import PolypImageReader
+from monai_ecrm.data.memory_selection import (
+    MEMORY_POLICIES,
+    kcenter_greedy,
+    memory_group,
+    select_memory_cases,
+    stratified_allocation,
+)
 
 __all__ = [
     "DICOM_ID_KEYWORDS",
     "DataError",
+    "MEMORY_POLICIES",
     "PRANET_SETS",
     "PRANET_VAL_SEED",
     "PictureInfo",
@@ -41,15 +49,19 @@ __all__ = [
     "folder_datalist",
     "frame_filename",
     "item_case",
+    "kcenter_greedy",
     "load_datalist",
     "make_demo_dataset",
+    "memory_group",
     "picture_format",
     "picture_meta",
     "pranet_datalist",
     "probe_picture",
     "read_picture",
+    "select_memory_cases",
     "split_by_case",
     "split_datalist",
+    "stratified_allocation",
     "validate_datalist",
     "with_case_index",
 ]

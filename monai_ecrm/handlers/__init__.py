@@ -9,7 +9,7 @@ from .case_names import CaseNamesHandler, case_names
 from .evaluation_report import EvaluationReport, render_overlay
 from .memory_bank import MemoryBankHandler
 from .memory_explanation import MemoryExplanationHandler, memory_case_pictures
-from .memory_refresh import MemoryRefreshHandler, refresh_memory
+from .memory_refresh import MemoryRefreshHandler, case_prototypes, refresh_memory
 from .model_record import ModelRecordHandler
 from .polyp_metric_handlers import EMeasure, PolypOverlap, SMeasure, WeightedFMeasure
 from .progress import ProgressBarHandler
@@ -39,6 +39,7 @@ __all__ = [
     "TrainingRun",
     "WeightedFMeasure",
     "case_names",
+    "case_prototypes",
     "cosine_factor",
     "latest_checkpoint",
     "memory_case_pictures",

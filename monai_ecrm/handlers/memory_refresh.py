@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["MemoryRefreshHandler", "REFRESH_MODES", "refresh_memory", "refresh_set_names"]
+__all__ = ["MemoryRefreshHandler", "REFRESH_MODES", "case_prototypes", "refresh_memory", "refresh_set_names"]
 
 
 #: accepted values of ``refresh_memory(distributed=...)``
@@ -191,6 +191,71 @@ def refresh_memory(
     # saved model refuse to load
     _check_names(bank.sources, bank.source_names, "refresh_memory")
     return int(written.item())
+
+
+def case_prototypes(
+    network: nn.Module,
+    loader_or_dataset: Iterable,
+    device: str | torch.device | None = None,
+    module_name: str = "ecrm",
+    image_key: str = "image",
+    label_key: str = "label",
+) -> torch.Tensor:
+    """The prototypes each case would write to the ECRM memory with the network's current weights, one row per item:
+    ``[N, K * C]`` (float32, CPU), row ``i`` for the ``i``-th image ``loader_or_dataset`` yields.
+
+    The vectors :func:`monai_ecrm.data.select_memory_cases` takes for ``policy="kcenter"``. They are computed by the
+    memory refresh's own pass (:func:`refresh_memory`: encoder and ECRM only, BatchNorm in eval, no gradient, labels
+    for label prototypes), with the writes caught before they reach the memory: the memory, its names, every weight and
+    running statistic, the modules' training flags and the global random state are left as they were. A case that
+    writes no prototype (label prototypes of a picture without a polyp: training would not write it either) gets a row
+    of NaN, which ``"kcenter"`` never chooses.
+
+    Local to the calling process: nothing is gathered under ``torch.distributed`` (run it on one rank, or on each rank
+    over the same items). Use a dataset, a list or an unshuffled loader, so that rows follow the items' order.
+
+    Args:
+        network: an ECRM network (DDP/compile wrappers are unwrapped).
+        loader_or_dataset: the candidate cases, as :func:`refresh_memory` takes them.
+        device: where to run; ``None`` uses the device of the network's parameters.
+        module_name: dotted path of the ECRM module.
+        image_key: key of the image in dict items.
+        label_key: key of the label in dict items (read only for label prototypes).
+    """
+    network = unwrap_network(network)
+    ecrm = find_module(network, module_name)
+    bank = find_memory_bank(network, module_name)
+    if device is None:
+        parameter = next(network.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    rows: dict[int, torch.Tensor] = {}
+    written = [0]
+
+    def _catch(prototypes: torch.Tensor, sources: torch.Tensor | None = None) -> None:
+        # instead of MemoryBank.enqueue: keep each case's prototypes by its position, write nothing
+        flat = prototypes.detach().to(device="cpu", dtype=torch.float32).flatten(1)
+        if sources is None:
+            ids = list(range(written[0], written[0] + flat.shape[0]))
+        else:
+            ids = [int(i) for i in sources.reshape(-1).tolist()]
+        written[0] += flat.shape[0]
+        for index, row in zip(ids, flat):
+            rows[index] = row
+
+    bank.enqueue = _catch  # an instance attribute: ECRM.write calls it instead of the method
+    try:
+        with untouched_random_state():
+            labels = label_key if getattr(ecrm, "label_prototypes", False) else None
+            # source_key=None: the ids are the items' positions in the pass, whatever case_index they carry
+            count = _write_memory(network, ecrm, bank, loader_or_dataset, device, image_key, False, labels, None)
+    finally:
+        del bank.enqueue
+    width = int(bank.num_classes) * int(bank.channels)
+    features = torch.full((count, width), float("nan"), dtype=torch.float32)
+    for index, row in rows.items():
+        if 0 <= index < count:
+            features[index] = row
+    return features
 
 
 def refresh_set_names(source: Iterable, image_key: str = "image") -> list[str] | None:

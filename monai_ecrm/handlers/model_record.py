@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_ecrm.data.memory_selection import MEMORY_POLICIES
+from monai_ecrm.handlers.case_names import case_names
 from monai_ecrm.record import (
     DEFAULT_THRESHOLD,
     RecordConflictError,
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["ModelRecordHandler", "datalist_summary", "training_data"]
+__all__ = ["ModelRecordHandler", "datalist_summary", "selection_record", "training_data"]
 
 
 def _now() -> str:
@@ -115,6 +117,14 @@ class ModelRecordHandler:
         weights_name: the weights file's name in ``path`` (the saver's ``key_metric_filename``).
         module_name: dotted path of the ECRM module (for the memory's fill and names).
         name: logger name; ``None`` uses ``engine.logger``.
+        memory_selection: how the cases the memory refresh writes were chosen, ``{"policy", "seed", "cases"}``
+            (:func:`monai_ecrm.data.select_memory_cases`; the bundle passes ``@memory_policy``, ``@memory_seed`` and
+            ``@memory_cases``, the very list its refresh set is made of). Written as ``record["memory"]["selection"]``:
+            ``{"policy", "seed", "cases": [names]}``, the seed ``None`` for ``"first"`` (no draw), each case named as
+            the memory's names table names it (:func:`~monai_ecrm.handlers.case_names.case_names` of the training
+            list, looked up by the item's ``case_index``; items without one are named relative to their own common
+            folder; names given as strings are kept). ``memory.sources`` says which case each slot of the saved
+            memory holds; the selection says which cases the refresh was asked to write, and by what rule.
     """
 
     def __init__(
@@ -131,6 +141,7 @@ class ModelRecordHandler:
         weights_name: str = "model.pt",
         module_name: str = "ecrm",
         name: str | None = None,
+        memory_selection: Mapping[str, Any] | None = None,
     ) -> None:
         path = Path(path)
         self.weights = path if path.suffix else path / weights_name
@@ -142,6 +153,7 @@ class ModelRecordHandler:
         self.dataset_dir = dataset_dir
         self.demo_dir = demo_dir
         self.description = description
+        self.memory_selection = selection_record(memory_selection, datalist) if memory_selection is not None else None
         self.module_name = module_name
         self._name = name
         self.logger = logging.getLogger(name)
@@ -205,7 +217,10 @@ class ModelRecordHandler:
             bank = find_memory_bank(engine.network, self.module_name)
         except AttributeError:
             return {}, None
-        return {"slots": int(bank.num_slots), "filled": int(bank.filled)}, bank.slot_names()
+        memory: dict[str, Any] = {"slots": int(bank.num_slots), "filled": int(bank.filled)}
+        if self.memory_selection is not None:
+            memory["selection"] = self.memory_selection
+        return memory, bank.slot_names()
 
     def run_record(self, engine: Engine) -> dict[str, Any] | None:
         """The record of the network ``engine`` trains, without weights (what a training checkpoint carries), or
@@ -255,6 +270,36 @@ class ModelRecordHandler:
         written = write_record(self.weights, record)
         self._seen = stat
         self.logger.info(f"model record written: {written} (describes {self.weights.name}, epoch {training['epoch']})")
+
+
+def selection_record(
+    selection: Mapping[str, Any], datalist: Mapping[str, Sequence[Any]] | Sequence[Any] | None = None
+) -> dict[str, Any]:
+    """``{"policy", "seed", "cases": [names]}``: what a record says about how its memory cases were chosen (see
+    :class:`ModelRecordHandler`'s ``memory_selection``), with ``cases`` (datalist items or names) named as the memory's
+    names table names them, from the training list of ``datalist`` when the items carry their ``case_index``."""
+    if not isinstance(selection, Mapping) or not {"policy", "cases"} <= selection.keys():
+        raise ValueError(
+            f"ModelRecordHandler: memory_selection must be {{'policy', 'seed', 'cases'}}, got {selection!r:.200}."
+        )
+    policy = selection["policy"]
+    if policy not in MEMORY_POLICIES:
+        raise ValueError(
+            f"ModelRecordHandler: memory_selection policy must be one of {MEMORY_POLICIES}, got {policy!r}."
+        )
+    cases = list(selection["cases"] or [])
+    seed = selection.get("seed")
+    if all(isinstance(case, str) for case in cases):
+        names = cases
+    else:
+        training = datalist.get("training", []) if isinstance(datalist, Mapping) else (datalist or [])
+        table = case_names(training) if training else []
+        indices = [case.get("case_index") if isinstance(case, Mapping) else None for case in cases]
+        if table and all(isinstance(index, int) and 0 <= index < len(table) for index in indices):
+            names = [table[index] for index in indices]
+        else:
+            names = case_names(cases)
+    return {"policy": str(policy), "seed": None if policy == "first" or seed is None else int(seed), "cases": names}
 
 
 def _is_number(value: Any) -> bool:
