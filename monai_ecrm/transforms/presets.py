@@ -4,6 +4,10 @@ Every preset returns a ``monai.transforms.Compose`` and takes JSON-friendly argu
 with ``_target_``. Tensors follow :mod:`monai_ecrm.transforms.io`: image float32 ``[3, H, W]`` normalised with the
 ImageNet mean and standard deviation, label float32 ``[1, H, W]``.
 
+Post-processing runs on the CPU (:data:`POSTPROCESSING_DEVICE`): every post-processing preset here starts by moving
+the tensors it works on there, so what reaches the metrics and the writers is on one device whatever the device of the
+network (GPU, several GPUs, ONNX Runtime) and of the batch keys the engine did not move (the full-size mask).
+
 The training preset puts its deterministic steps (load, resize, a compact cast) first, so ``CacheDataset`` and
 ``PersistentDataset`` cache them and only the augmentation runs per epoch; all random steps are MONAI
 ``Randomizable`` transforms, seeded by ``set_determinism`` and ``Compose.set_random_state``.
@@ -40,6 +44,7 @@ from monai_ecrm.transforms.io import LabelMapping, LoadPolypImaged, SavePredicti
 
 __all__ = [
     "NORMALIZATIONS",
+    "POSTPROCESSING_DEVICE",
     "normalization_for_backbone",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -54,6 +59,24 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+#: Where the post-processing presets (and so the metrics, reports and writers fed by them) work: the one place that
+#: decides it. A MONAI engine moves only ``image`` and ``label`` to its device; the network's output is on the network's
+#: device and any other key of the batch (the full-size mask ``label_full``) stays where the data loader left it, on the
+#: CPU. Mixing them fails (``Expected all tensors to be on the same device``), so each preset first moves the tensors it
+#: uses here. The CPU suits this step: it handles one frame's masks at the original size (resize, sigmoid, threshold
+#: and the metrics are cheap, memory-bound passes), the original-size mask is loaded on the CPU anyway, the weighted
+#: F-measure's distance transform and the report run on the host regardless, and a long evaluation does not hold
+#: original-size maps in GPU memory.
+POSTPROCESSING_DEVICE = torch.device("cpu")
+
+
+def _to_postprocessing_device(keys: Sequence[str], device: str | torch.device | None) -> EnsureTyped:
+    """Moves ``keys`` (a missing key or a ``None`` value is left alone) to ``device`` (default
+    :data:`POSTPROCESSING_DEVICE`), keeping their metadata and dtype."""
+    target = POSTPROCESSING_DEVICE if device is None else torch.device(device)
+    return EnsureTyped(keys=list(keys), device=target, allow_missing_keys=True)
 
 
 def _size(spatial_size: int | Sequence[int]) -> tuple[int, int]:
@@ -266,13 +289,17 @@ def full_size_eval_postprocessing(
     image_key: str = "image",
     full_label_key: str = "label_full",
     output_label_key: str = "gt",
+    device: str | torch.device | None = None,
 ) -> Compose:
     """Logits to foreground probabilities at the original size, with the full-size mask and image beside them.
 
-    Sigmoid, then ``Invertd`` of the prediction (bilinear), of the full-size mask and of the image through
-    ``preprocessing`` (:func:`full_size_eval_transforms`), so all three share MONAI's reader layout at the
-    source's size. Thresholding is left to the metrics (``monai_ecrm.handlers.PolypOverlap``), which need the
-    probability map for S-measure, E-measure, weighted F-measure and MAE.
+    The prediction, the full-size mask and the image are first moved to one device, the CPU
+    (:data:`POSTPROCESSING_DEVICE`): the network's output is on the network's device (a GPU) while the full-size mask,
+    which the engine does not move, is on the CPU. Sigmoid, then ``Invertd`` of the prediction (bilinear), of the
+    full-size mask and of the image through ``preprocessing`` (:func:`full_size_eval_transforms`), so all three share
+    MONAI's reader layout at the source's size. Thresholding is left to the metrics
+    (``monai_ecrm.handlers.PolypOverlap``), which need the probability map for S-measure, E-measure, weighted
+    F-measure and MAE.
 
     Args:
         preprocessing: the :func:`full_size_eval_transforms` instance that made the network input.
@@ -282,9 +309,11 @@ def full_size_eval_postprocessing(
         output_label_key: the full-size mask is copied to this key, which MONAI engines put in
             ``engine.state.output`` (keys that came with the batch go back to ``engine.state.batch``), so metric
             handlers read it with ``from_engine(["pred", output_label_key])``.
+        device: where the post-processing and so the metrics run; ``None`` (default): :data:`POSTPROCESSING_DEVICE`.
     """
     return Compose(
         [
+            _to_postprocessing_device([pred_key, full_label_key, image_key], device),
             Activationsd(keys=pred_key, sigmoid=True),
             Invertd(
                 keys=[pred_key, full_label_key, image_key],
@@ -299,20 +328,32 @@ def full_size_eval_postprocessing(
 
 
 def eval_postprocessing(
-    num_classes: int = 1, threshold: float = 0.5, pred_key: str = "pred", label_key: str = "label"
+    num_classes: int = 1,
+    threshold: float = 0.5,
+    pred_key: str = "pred",
+    label_key: str = "label",
+    device: str | torch.device | None = None,
 ) -> Compose:
     """Logits to discrete predictions for metrics: sigmoid and threshold (binary) or softmax, argmax and one-hot.
+
+    The prediction and the mask are first moved to the CPU (:data:`POSTPROCESSING_DEVICE`), as in every post-processing
+    preset, so the metrics run on the CPU whatever the network's device.
 
     Args:
         num_classes: 1 for binary segmentation (one logit channel), more for softmax over classes.
         threshold: foreground probability threshold of binary segmentation.
         pred_key: item key of the network output.
         label_key: item key of the mask (one-hot encoded for multi-class metrics).
+        device: where the post-processing and so the metrics run; ``None`` (default): :data:`POSTPROCESSING_DEVICE`.
     """
+    to_device = _to_postprocessing_device([pred_key, label_key], device)
     if num_classes == 1:
-        return Compose([Activationsd(keys=pred_key, sigmoid=True), AsDiscreted(keys=pred_key, threshold=threshold)])
+        return Compose(
+            [to_device, Activationsd(keys=pred_key, sigmoid=True), AsDiscreted(keys=pred_key, threshold=threshold)]
+        )
     return Compose(
         [
+            to_device,
             Activationsd(keys=pred_key, softmax=True),
             AsDiscreted(keys=[pred_key, label_key], argmax=[True, False], to_onehot=num_classes),
         ]
@@ -332,9 +373,11 @@ def infer_postprocessing(
     data_root_dir: str | os.PathLike = "",
     print_log: bool = False,
     probabilities: bool = False,
+    device: str | torch.device | None = None,
 ) -> Compose:
     """Logits to masks at the source's size and layout, optionally written to files (``Invertd`` + ``SaveImage``).
 
+    The prediction is first moved to the CPU (:data:`POSTPROCESSING_DEVICE`), as in every post-processing preset.
     Activation (sigmoid or softmax), ``Invertd`` through ``preprocessing`` (probabilities resized back bilinearly,
     then the loader's layout change undone), threshold or argmax, then :class:`SavePredictiond` when ``output_dir``
     is given. The inverted prediction is ``[C, W, H]`` in MONAI's reader layout, which MONAI's writers expect.
@@ -353,11 +396,13 @@ def infer_postprocessing(
         print_log: see :class:`SavePredictiond`.
         probabilities: keep the foreground probability instead of thresholding it (binary segmentation only): PNGs
             hold it as 0..255, NIfTI files as float32.
+        device: where the post-processing runs; ``None`` (default): :data:`POSTPROCESSING_DEVICE`.
     """
     binary = num_classes == 1
     if probabilities and not binary:
         raise ValueError("probabilities=True is for binary segmentation (num_classes=1)")
     steps: list[Any] = [
+        _to_postprocessing_device([pred_key], device),
         Activationsd(keys=pred_key, sigmoid=binary, softmax=not binary),
         Invertd(keys=pred_key, transform=preprocessing, orig_keys=image_key, nearest_interp=False, to_tensor=True),
     ]
