@@ -16,6 +16,11 @@ forward + BCE-with-logits loss + backward + SGD step) at ``--size`` for
 
 Issue #10: inference frames/s of ``ECRMUNet`` with each of ``--backbones`` (resnet34 is the row above).
 
+With ``--memory-cache-ab``: inference of ``ecrm_unet_uncached/resnet34`` too, the same network with ECRM's eval-time
+cache of the memory side off (``net.ecrm.memory_cache = False``: keys and values of the memory projected at every
+frame, as before the cache), side by side with ``ecrm_unet/resnet34`` in the same rotation
+(``memory_cache_side_by_side``).
+
 Each (model, mode) runs in its own fresh Python process, so one model's allocations never affect another's timing.
 The processes of one mode are timed in blocks: ``--rounds`` rounds, the order rotating each round, each process
 running its share of the timed iterations in a row after one untimed one (the previous process's OpenMP threads
@@ -64,6 +69,9 @@ def _build(model: str, bank_size: int):
         # the package's own identity stand-in (ECRMUNet(use_ecrm=False)): same encoder and decoder, no ECRM block
         return ECRMUNet(backbone=backbone, use_icrm=False, bank_size=bank_size, use_ecrm=False)
     net = ECRMUNet(backbone=backbone, use_icrm=False, bank_size=bank_size)
+    if kind == "ecrm_unet_uncached":  # the memory side computed at every frame (--memory-cache-ab)
+        net.ecrm.memory_cache = False
+        kind = "ecrm_unet"
     if kind == "ecrm_unet":
         with torch.no_grad():
             bank = net.ecrm.memory
@@ -204,6 +212,11 @@ def main() -> None:
     parser.add_argument(
         "--backbones", default="resnet34,efficientnet-lite0,efficientnet-b0", help="ECRMUNet backbones (issue #10)"
     )
+    parser.add_argument(
+        "--memory-cache-ab",
+        action="store_true",
+        help="also time ECRMUNet resnet34 inference with ECRM's memory cache off, side by side with it on",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: size 64, train batch 2, few repeats")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,6 +230,8 @@ def main() -> None:
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     inference_jobs = [(m, "inference") for m in ISSUE3_MODELS]
     inference_jobs += [(f"ecrm_unet/{b}", "inference") for b in backbones if f"ecrm_unet/{b}" not in ISSUE3_MODELS]
+    if args.memory_cache_ab:
+        inference_jobs.append(("ecrm_unet_uncached/resnet34", "inference"))
     training_jobs = [(m, "training") for m in ISSUE3_MODELS]
     forwarded = ["--size", str(args.size), "--train-batch", str(args.train_batch), "--threads", str(args.threads)]
     forwarded += ["--bank-size", str(args.bank_size)]
@@ -281,6 +296,13 @@ def main() -> None:
         "issue10_backbones_inference_frames_per_s": {b: per_s(f"ecrm_unet/{b}", "inference") for b in backbones},
         "wall_s": round(time.perf_counter() - start, 1),
     }
+    if args.memory_cache_ab:
+        cached, uncached = runs["ecrm_unet/resnet34/inference"], runs["ecrm_unet_uncached/resnet34/inference"]
+        result["memory_cache_side_by_side"] = {
+            "inference_frames_per_s": {"cache_on": cached["per_s"], "cache_off": uncached["per_s"]},
+            "cache_on_vs_off_time_pct": round(100.0 * (cached["median_s"] / uncached["median_s"] - 1.0), 2),
+            "fastest_iteration_cache_on_vs_off_time_pct": round(100.0 * (cached["min_s"] / uncached["min_s"] - 1.0), 2),
+        }
     print(json.dumps(result, indent=2))
 
 

@@ -88,6 +88,30 @@ def label_prototypes(
     return sums / totals.clamp_min(1e-6), present
 
 
+if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+
+    def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+else:  # pragma: no cover (torch 2.1 - 2.3)
+
+    def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
+_compiler = getattr(torch, "compiler", None)
+_is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)
+
+
+def _collective_buffers() -> bool:
+    """Whether a process group of several ranks is up: collectives (``refresh_memory``'s broadcast, DDP's buffer
+    broadcast) then overwrite the memory in place without bumping torch's version counters."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class ECRM(nn.Module):
     """Exterior Contextual-Relation Module: every position of an image attends to a memory of class prototypes
     taken from earlier training images (DCRNet, ISBI 2022).
@@ -153,6 +177,20 @@ class ECRM(nn.Module):
     too. In training the coarse convolution reaches the output with weight 0 (the values are unchanged), so that it
     takes part in every step: the search for unused parameters starts from the output, and the aux loss reaches the
     coarse mask through a hook.
+
+    Eval-time cache of the memory side: with a frozen memory, what depends on the memory alone (the filled-slot
+    slice, the ``memory_key`` / ``memory_value`` projections of its tokens, their layouts, the
+    ``1 / sqrt(key_channels)`` scaling of the keys, whether the memory is empty) is the same for every frame, so in
+    eval mode without gradient (``torch.no_grad()`` / ``torch.inference_mode()``) it is computed once and kept
+    (``memory_cache = False`` turns this off). It is recomputed when anything it was computed from may have changed:
+    the bank's ``content_version`` (every write, ``reset``, state-dict load, ``MemoryBank.mark_changed()``); torch's
+    in-place version counter, storage address, device and dtype of the memory, of its fill counter and of every
+    parameter and buffer of the two projections (an optimizer step, ``load_state_dict``, ``.to(...)``); the queries'
+    dtype and the autocast state. Training mode, gradient-enabled eval, ``torch.jit.script``, tracing
+    (``torch.jit.trace``, ONNX export: the memory stays in the graph, an initializer of the ONNX file),
+    ``torch.compile``/``torch.export`` and several-rank process groups (collectives write buffers without bumping the
+    version counters) always compute it afresh, as before. A write that no version counter sees (through ``.data`` or
+    numpy) needs ``MemoryBank.mark_changed()`` or :meth:`clear_memory_cache`.
 
     When a sample's output depends on the rest of the batch: in eval mode never (the memory is frozen, BatchNorm uses
     its running statistics). In training it does through BatchNorm's batch statistics, and, with ``attend_first=False``,
@@ -250,6 +288,12 @@ class ECRM(nn.Module):
             # not a parameter and not saved: DCRNet-layout checkpoints load strictly; never used when not gated
             self.register_buffer("context_gate", torch.ones(1), persistent=False)
         self.memory = MemoryBank(bank_size, self.memory_classes, feat_channels, on_size_mismatch=bank_size_mismatch)
+        #: eval-time cache of the memory side (see the class docstring); False computes it at every forward
+        self.memory_cache = True
+        self._memory_cache: tuple | None = None
+
+    #: Python-side state TorchScript never sees (the scripted forward computes the memory side at every call)
+    __jit_ignored_attributes__ = ["memory_cache", "_memory_cache"]
 
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor | None = None, sources: torch.Tensor | None = None
@@ -328,19 +372,24 @@ class ECRM(nn.Module):
         memory, so that it can be written afterwards in the same forward (autograd keeps what was attended).
         """
         queries = self.query(features)
-        batch = queries.shape[0]
+        if not torch.jit.is_scripting():  # (TorchScript compiles none of this block: the scripted path recomputes)
+            if self._memory_cache_usable():
+                cached = self._cached_memory(queries.dtype)
+                if cached is None:
+                    return torch.zeros_like(queries)
+                return self._sdpa(queries, cached[0], cached[1])
         if self.memory.is_empty():
             return torch.zeros_like(queries)
-        tokens = self.memory.filled_memory().reshape(-1, self.feat_channels)
-        if copy_memory:
-            tokens = tokens.clone()
-        # autocast may run the projections in a lower precision; the memory itself stays float32
-        keys = self.memory_key(tokens).to(queries.dtype)
-        values = self.memory_value(tokens).to(queries.dtype)
+        keys, values = self._project_memory(queries.dtype, copy_memory)
+        return self._sdpa(queries, keys.unsqueeze(0).unsqueeze(0), values.unsqueeze(0).unsqueeze(0))
+
+    def _sdpa(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """:meth:`attend`'s attention of ``queries`` ``[B, D, *spatial]`` over ``keys``, ``values`` ``[1, 1, T, D]``."""
+        batch = queries.shape[0]
         # 4-D (batch, heads, length, dim) inputs: the layout for which the CPU memory-efficient kernel is taken
         q = queries.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
-        k = keys.unsqueeze(0).unsqueeze(0).expand(batch, 1, keys.shape[0], keys.shape[1])
-        v = values.unsqueeze(0).unsqueeze(0).expand(batch, 1, values.shape[0], values.shape[1])
+        k = keys.expand(batch, 1, keys.shape[2], keys.shape[3])
+        v = values.expand(batch, 1, values.shape[2], values.shape[3])
         attended = F.scaled_dot_product_attention(q, k, v)
         return attended.squeeze(1).transpose(1, 2).reshape(queries.shape)
 
@@ -350,23 +399,117 @@ class ECRM(nn.Module):
         """Explicit attention for ``supervise_attention``: ``(context, log-odds [B, num_classes, *spatial],
         attended)``; ``attended`` is ``False`` (context zero, log-odds zero) when the memory is empty."""
         queries = self.query(features)
-        batch = queries.shape[0]
-        spatial = queries.shape[2:]
+        if not torch.jit.is_scripting():  # (TorchScript compiles none of this block: the scripted path recomputes)
+            if self._memory_cache_usable():
+                cached = self._cached_memory(queries.dtype)
+                if cached is None:
+                    return self._no_attention(queries)
+                # the keys transposed once, and scaled once where that is exact (cached[4] False)
+                context, odds = self._attention_with_odds(queries, cached[2], cached[3], cached[4])
+                return context, odds.to(features.dtype), True
         if self.memory.is_empty():
-            odds = queries.new_zeros([batch, self.num_classes] + [int(size) for size in spatial])
-            return torch.zeros_like(queries), odds, False
-        tokens = self.memory.filled_memory().reshape(-1, self.feat_channels)
-        if copy_memory:
-            tokens = tokens.clone()
-        keys = self.memory_key(tokens).to(queries.dtype)
-        values = self.memory_value(tokens).to(queries.dtype)
+            return self._no_attention(queries)
+        keys, values = self._project_memory(queries.dtype, copy_memory)
+        context, odds = self._attention_with_odds(queries, keys.t(), values, True)
+        return context, odds.to(features.dtype), True
+
+    def _no_attention(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """:meth:`attend_with_odds` of an empty memory: zero context, zero log-odds, not attended."""
+        odds = queries.new_zeros([queries.shape[0], self.num_classes] + [int(size) for size in queries.shape[2:]])
+        return torch.zeros_like(queries), odds, False
+
+    def _attention_with_odds(
+        self, queries: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, scale: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`attend_with_odds`' attention of ``queries`` ``[B, D, *spatial]`` over the transposed keys ``[D, T]``
+        and the values ``[T, D]``; ``scale``: divide the scores by ``sqrt(key_channels)`` (``False``: the keys are)."""
+        batch = queries.shape[0]
+        spatial = [int(size) for size in queries.shape[2:]]
         q = queries.flatten(2).transpose(1, 2)  # [B, P, D]
-        scores = (q @ keys.t()).float() / math.sqrt(self.key_channels)  # [B, P, F * K]
+        scores = (q @ keys_t).float()  # [B, P, F * K]
+        if scale:
+            scores = scores / math.sqrt(self.key_channels)
         context = torch.softmax(scores, dim=-1).to(values.dtype) @ values  # [B, P, D]
         per_class = torch.logsumexp(scores.reshape(batch, scores.shape[1], -1, self.memory_classes), dim=2)
         odds = per_class[..., : self.num_classes] - per_class[..., -1:]  # [B, P, num_classes]
-        odds = odds.transpose(1, 2).reshape([batch, self.num_classes] + [int(size) for size in spatial])
-        return context.transpose(1, 2).reshape(queries.shape), odds.to(features.dtype), True
+        odds = odds.transpose(1, 2).reshape([batch, self.num_classes] + spatial)
+        return context.transpose(1, 2).reshape(queries.shape), odds
+
+    def _project_memory(self, dtype: torch.dtype, copy_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[F * K, key_channels]`` of the filled memory's tokens, in ``dtype`` (the memory must not
+        be empty). ``copy_memory``: project a copy (see :meth:`attend`)."""
+        tokens = self.memory.filled_memory().reshape(-1, self.feat_channels)
+        if copy_memory:
+            tokens = tokens.clone()
+        # autocast may run the projections in a lower precision; the memory itself stays float32
+        return self.memory_key(tokens).to(dtype), self.memory_value(tokens).to(dtype)
+
+    def clear_memory_cache(self) -> None:
+        """Drop the eval-time cache of the memory side: the next eval forward recomputes it (needed only after a write
+        to the memory or projection weights that no version counter sees: through ``.data`` or numpy)."""
+        self._memory_cache = None
+
+    def _apply(self, *args: Any, **kwargs: Any) -> ECRM:
+        # .to(device/dtype), .cuda(), .half(), ...: the cache would be recomputed anyway (new storage); dropping it
+        # here also frees the tensors it keeps on the old device
+        self._memory_cache = None
+        return super()._apply(*args, **kwargs)
+
+    @torch.jit.unused
+    def _memory_cache_usable(self) -> bool:
+        """Whether this forward may use the eval-time cache (see the class docstring); training drops it."""
+        if self.training:
+            self._memory_cache = None
+            return False
+        return (
+            self.memory_cache
+            and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and not _is_compiling()
+            and not _collective_buffers()
+        )
+
+    @torch.jit.unused
+    def _memory_signature(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], tuple]:
+        """``(tensors, stamp)``: what the memory side is computed from, compared by identity (kept alive by the cache,
+        so that no new tensor can take a freed one's address), and a stamp of plain values: the bank's
+        ``content_version``, each tensor's in-place version counter, storage address, device and dtype, the queries'
+        dtype and the autocast state."""
+        bank = self.memory
+        tensors = [bank.memory, bank.filled]
+        for projection in (self.memory_key, self.memory_value):
+            for module in projection.modules():  # (what .parameters() and .buffers() give, at a third of the cost)
+                tensors.extend(t for t in module._parameters.values() if t is not None)
+                tensors.extend(t for t in module._buffers.values() if t is not None)
+        stamp: list = [bank.content_version, dtype, self.feat_channels, self.key_channels]
+        stamp.extend(_autocast_state(bank.memory.device.type))
+        for tensor in tensors:
+            stamp.extend((tensor._version, tensor.data_ptr(), tensor.device, tensor.dtype))
+        return tuple(tensors), tuple(stamp)
+
+    @torch.jit.unused
+    def _cached_memory(
+        self, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
+        """The memory side for queries of ``dtype``, from the cache or computed and cached: ``None`` for an empty
+        memory, else ``(keys [1, 1, T, D], values [1, 1, T, D], keys_t [D, T], values [T, D], scale)``: ``keys_t`` is
+        ``keys.t() / sqrt(D)`` where that is exact, and then ``scale`` is ``False`` (else ``keys.t()``, ``True``)."""
+        tensors, stamp = self._memory_signature(dtype)
+        entry = self._memory_cache  # one read: another thread may replace it, never half
+        if entry is not None and entry[1] == stamp and all(a is b for a, b in zip(entry[0], tensors)):
+            return entry[2]
+        payload = None
+        if not self.memory.is_empty():
+            keys, values = self._project_memory(dtype)
+            # scaling the keys by 1 / sqrt(key_channels) instead of the scores: exact (the same bits) when that is a
+            # power of two (key_channels 16, 64, 256, ...), so only then; otherwise the scores are divided as before
+            root = math.isqrt(self.key_channels)
+            exact = root * root == self.key_channels and root & (root - 1) == 0
+            keys_t = (keys * (1.0 / root)).t() if exact else keys.t()
+            payload = (keys.unsqueeze(0).unsqueeze(0), values.unsqueeze(0).unsqueeze(0), keys_t, values, not exact)
+        # the stamp is taken before computing: a change meanwhile makes the next call recompute
+        self._memory_cache = (tensors, stamp, payload)
+        return payload
 
     @torch.jit.unused
     def slot_weights(self, features: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,9 @@ class MemoryBank(nn.Module):
         self.register_buffer("source_names_utf8", torch.zeros(0, dtype=torch.uint8))
         self.source_names: list[str] = []
         self._local_writes = False
+        # bumped by every change made through the bank (write, reset, state-dict load, mark_changed): readers that
+        # keep something derived from the memory (ECRM's eval-time cache) compare it; not saved, not a buffer
+        self.content_version = 0
 
     def extra_repr(self) -> str:
         return f"num_slots={self.num_slots}, num_classes={self.num_classes}, channels={self.channels}"
@@ -161,8 +164,15 @@ class MemoryBank(nn.Module):
         pointer = int(self.pointer)
         return torch.cat([self.memory[pointer:], self.memory[:pointer]], dim=0)
 
+    def mark_changed(self) -> None:
+        """Declare that the memory buffers changed behind the bank's back (a write through ``.data``, numpy or a
+        collective such as ``torch.distributed.broadcast``, which torch's in-place version counters do not see), so
+        that what was derived from the memory (ECRM's eval-time cache of the projected memory) is recomputed."""
+        self.content_version += 1
+
     def reset(self) -> None:
         """Empty the memory (contents zeroed, pointer and fill back to 0; ``rejected`` is kept)."""
+        self.content_version += 1
         with torch.no_grad():
             self.memory.zero_()
             self.pointer.zero_()
@@ -209,6 +219,7 @@ class MemoryBank(nn.Module):
             self._write(prototypes.detach().to(dtype=self.memory.dtype, device=self.memory.device), ids)
 
     def _write(self, values: torch.Tensor, sources: torch.Tensor) -> None:
+        self.content_version += 1
         if not torch.jit.is_scripting():
             values, sources = self._gather_across_ranks(values, sources)
         finite = torch.isfinite(values).flatten(1).all(dim=1)
@@ -256,6 +267,7 @@ class MemoryBank(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        self.content_version += 1
         key = prefix + "memory"
         if key in state_dict:
             incoming = state_dict[key]
