@@ -171,7 +171,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     work[key] = {
                         "model": name,
                         "draw": draw,
-                        "k": len(pool) if method == "bn_pool" else k,
+                        "k": k,
+                        "pool_frames": len(pool),
                         "method": method,
                         "dice": dice,
                         "test_frames": len(test),
@@ -188,6 +189,9 @@ def summarize(work: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Per method and k: the change of mean Dice against ``none`` of the same model and draw (paired), mean and SD
     over every (model, draw), and the mean Dice itself."""
     none = {(e["model"], e["draw"]): e["dice"] for e in work.values() if e["method"] == "none"}
+    for entry in work.values():
+        if entry["method"] == "bn_pool":
+            entry["k"] = 0  # the whole unlabelled pool (``pool_frames``), no labelled shot
     rows = []
     for method in METHODS[1:]:
         ks = sorted({e["k"] for e in work.values() if e["method"] == method})
@@ -238,9 +242,10 @@ def markdown(summary: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in summary["rows"]:
+        k = "pool, unlabelled" if row["method"] == "bn_pool" else row["k"]
+        sd = "" if row["delta_sd"] is None else format(row["delta_sd"], ".3f")
         lines.append(
-            f"| {row['method']} | {row['k']} | {row['n']} | {row['dice_mean']:.3f} | {cell(row['delta_mean'])} | "
-            f"{'' if row['delta_sd'] is None else format(row['delta_sd'], '.3f')} |"
+            f"| {row['method']} | {k} | {row['n']} | {row['dice_mean']:.3f} | {cell(row['delta_mean'])} | {sd} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -256,11 +261,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--finetune-steps", type=int, default=30)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--work", type=Path, required=True, help="JSON of finished entries (resumable)")
+    parser.add_argument("--work", type=Path, nargs="+", required=True, help="JSON of finished entries (resumable)")
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="table the finished entries of every --work file (runs of several processes) without running more",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--out-md", type=Path)
     args = parser.parse_args(argv)
-    summary = run(args)
+    if args.summarize_only:
+        work = {}
+        for path in args.work:
+            work.update(json.loads(path.read_text()))
+        summary = summarize(work, args)
+    else:
+        if len(args.work) != 1:
+            parser.error("--work takes one file unless --summarize-only")
+        args.work = args.work[0]
+        summary = run(args)
     text = json.dumps({key: value for key, value in summary.items() if key != "runs"}, indent=1)
     print(text)
     if args.out:
