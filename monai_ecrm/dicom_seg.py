@@ -1,7 +1,7 @@
 """DICOM in, DICOM Segmentation out: the names this module published, now in :mod:`monai_ecrm.clinical`.
 
 Reading DICOM sources and their frames is :mod:`monai_ecrm.clinical.sources`, building the SEG
-:mod:`monai_ecrm.clinical.seg`, output names and atomic writing :mod:`monai_ecrm.clinical.writing`, the writing step
+:mod:`monai_ecrm.clinical.seg`, output names and atomic writing :mod:`monai_ecrm.writing`, the writing step
 :class:`~monai_ecrm.clinical.save.SaveDicomSegd` :mod:`monai_ecrm.clinical.save`, and the frame loader
 :class:`~monai_ecrm.clinical.pipeline.LoadFramed` :mod:`monai_ecrm.clinical.pipeline`.
 """
@@ -20,7 +20,7 @@ from monai_ecrm.clinical.seg import (
     bundle_version,
 )
 from monai_ecrm.clinical.sources import DecodedFrame, DicomSource, NotAnImageError, iter_dicom_frames, read_dicom_source
-from monai_ecrm.clinical.writing import PARTIAL_DIR, prediction_path
+from monai_ecrm.writing import PARTIAL_DIR, prediction_path
 
 __all__ = [
     "ALGORITHM_NAME",

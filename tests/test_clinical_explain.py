@@ -24,15 +24,15 @@ from monai.data import Dataset
 from PIL import Image
 from test_dicom_seg import multiframe_dicom, video_frames
 
+from monai_ecrm import explanations as explain_module
 from monai_ecrm.clinical import ClinicalInference, job
-from monai_ecrm.clinical import explain as explain_module
 from monai_ecrm.clinical.cli import EXIT_OK, EXIT_USAGE, main
 from monai_ecrm.clinical.explain import EXPLAIN_COLUMNS, NOTE_COLUMN, CasePictures, ExplainingRunner
-from monai_ecrm.clinical.writing import PARTIAL_DIR
 from monai_ecrm.handlers import refresh_memory
 from monai_ecrm.networks.nets import ECRMUNet
 from monai_ecrm.record import make_record, record_for_torchscript, record_from_network, write_record
 from monai_ecrm.transforms import eval_transforms, infer_transforms
+from monai_ecrm.writing import PARTIAL_DIR
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:DeprecationWarning")
 

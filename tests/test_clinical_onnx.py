@@ -181,7 +181,7 @@ def test_bf16_runs_the_network_in_bfloat16_and_its_masks_agree_with_float32(comm
 
 
 def test_an_onnx_rerun_skips_what_is_written_and_leaves_no_partial_files(command, models, inputs, tmp_path):
-    from monai_ecrm.clinical.writing import PARTIAL_DIR
+    from monai_ecrm.writing import PARTIAL_DIR
 
     first = command("onnx", "--onnx", str(models.onnx))
     assert not (first.output / PARTIAL_DIR).exists()

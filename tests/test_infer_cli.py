@@ -23,8 +23,8 @@ from test_dicom_seg import multiframe_dicom, structured_report, video_frames
 
 from monai_ecrm.clinical.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from monai_ecrm.clinical.seg import bundle_version
-from monai_ecrm.clinical.writing import PARTIAL_DIR
 from monai_ecrm.data import read_picture
+from monai_ecrm.writing import PARTIAL_DIR
 
 TINY = {"backbone": "resnet10", "bank_size": 2}
 TINY_ARGS = ["--backbone", "resnet10", "--bank-size", "2", "--spatial-size", "64", "--no-progress"]
@@ -287,7 +287,7 @@ def _mixed_folder(folder: Path) -> Path:
 
 
 def test_interrupted_run_resumed_gives_the_same_outputs(tmp_path, torchscript_model, monkeypatch):
-    import monai_ecrm.clinical.writing as writing
+    import monai_ecrm.writing as writing
 
     inputs = _mixed_folder(tmp_path / "in")
     args = ["--torchscript", str(torchscript_model), "--spatial-size", "32", "--no-progress", "--dicom-png"]

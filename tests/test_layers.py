@@ -114,3 +114,16 @@ def test_model_file_modules_import_nothing_from_the_engine_side_or_the_command()
 
 def test_no_import_cycle_in_the_package():
     assert cycles(import_graph()) == []
+
+
+def test_the_engine_side_imports_nothing_from_the_clinical_command():
+    graph = import_graph()
+    engine = {
+        name: targets
+        for name, targets in graph.items()
+        if name.startswith(("monai_ecrm.handlers", "monai_ecrm.inferers"))
+    }
+    upward = {
+        name: sorted(t for t in targets if t.startswith("monai_ecrm.clinical")) for name, targets in engine.items()
+    }
+    assert {name: targets for name, targets in upward.items() if targets} == {}

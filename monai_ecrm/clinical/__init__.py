@@ -8,7 +8,7 @@ One concern per module:
 - :mod:`~monai_ecrm.clinical.runner`: the model: loaded from a state dict, a TorchScript file or a bundle, run on one
   frame at a time by a replaceable runner.
 - :mod:`~monai_ecrm.clinical.seg`: the DICOM Segmentation of the masks (highdicom).
-- :mod:`~monai_ecrm.clinical.writing`: output names and atomic writing.
+- :mod:`~monai_ecrm.writing`: output names and atomic writing.
 - :mod:`~monai_ecrm.clinical.save`: the post-processing step writing SEGs and PNG/NIfTI masks.
 - :mod:`~monai_ecrm.clinical.prefetch`: the next frames prepared in a background thread.
 - :mod:`~monai_ecrm.clinical.report`: what happened to each input, ``report.csv``.
@@ -63,7 +63,7 @@ from monai_ecrm.clinical.sources import (
     iter_dicom_frames,
     read_dicom_source,
 )
-from monai_ecrm.clinical.writing import PARTIAL_DIR, PartialFolder, expected_outputs, prediction_path
+from monai_ecrm.writing import PARTIAL_DIR, PartialFolder, expected_outputs, prediction_path
 
 __all__ = [
     "ALGORITHM_NAME",

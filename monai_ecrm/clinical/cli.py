@@ -67,9 +67,9 @@ from monai_ecrm.clinical.runner import (
     trained_on,
 )
 from monai_ecrm.clinical.sources import find_inputs
-from monai_ecrm.clinical.writing import output_stems
 from monai_ecrm.record import read_record
 from monai_ecrm.transforms import normalization_for_backbone
+from monai_ecrm.writing import output_stems
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
 

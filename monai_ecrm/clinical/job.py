@@ -5,7 +5,7 @@ skipped because its outputs exist, skipped because it is no image, failed, or pa
 decoded), so a bad file never stops the rest. Outputs appear under their final names only when complete (a SEG of
 some of its source's frames under ``<stem>_seg.partial.dcm``), and a rerun skips the inputs whose outputs are done:
 an interrupted job is resumed by running it again. Two inputs never share an output: :meth:`ClinicalInference.run`
-names the outputs of all its inputs before it writes anything (:func:`~monai_ecrm.clinical.writing.output_stems`, from
+names the outputs of all its inputs before it writes anything (:func:`~monai_ecrm.writing.output_stems`, from
 each input's own file name), and an input whose outputs another input of the job already has (a frame of a
 multi-frame file, ``a_frame0001_seg.png``, and a file ``a_frame0001.png``) fails without writing.
 
@@ -19,7 +19,7 @@ but were made by another model, for another input, are incomplete, or that no re
 input is segmented again, its outputs replaced in one rename each, and its ``detail`` says what was replaced
 (``replaced-other-model: a_seg.png made by /models/A.pt (sha256 0123456789ab)``, ``replaced-other-input``,
 ``replaced-partial``, ``replaced-unknown-origin``). Outputs named as earlier versions named inputs that shared a stem
-(``a_png_seg.png``; :func:`~monai_ecrm.clinical.writing.legacy_output_stem`) are found through the report row that
+(``a_png_seg.png``; :func:`~monai_ecrm.writing.legacy_output_stem`) are found through the report row that
 lists them, and skipped under the same rule. A job that does not know its model (``model_columns=None``, a Python
 caller's network) cannot tell models apart: it skips every input whose outputs all exist, as before.
 
@@ -60,7 +60,9 @@ from monai_ecrm.clinical.runner import ModelRunner, TorchRunner
 from monai_ecrm.clinical.save import SaveDicomSegd
 from monai_ecrm.clinical.seg import read_seg_origin
 from monai_ecrm.clinical.sources import DicomSource, InputFile, NotAnImageError
-from monai_ecrm.clinical.writing import (
+from monai_ecrm.data.errors import DataError
+from monai_ecrm.data.image_io import picture_format
+from monai_ecrm.writing import (
     expected_outputs,
     legacy_output_stem,
     output_stem,
@@ -68,8 +70,6 @@ from monai_ecrm.clinical.writing import (
     prediction_path,
     source_key,
 )
-from monai_ecrm.data.errors import DataError
-from monai_ecrm.data.image_io import picture_format
 
 __all__ = ["ClinicalInference"]
 
@@ -233,7 +233,7 @@ class ClinicalInference:
 
         Raises:
             OutputCollisionError: two inputs would share an output (nothing is written; see
-                :func:`~monai_ecrm.clinical.writing.output_stems`).
+                :func:`~monai_ecrm.writing.output_stems`).
         """
         results = [] if results is None else results
         png_for_dicom = self.dicom_png or self.explanations is not None

@@ -2,9 +2,9 @@
 
 A SEG per DICOM source instance (:func:`~monai_ecrm.clinical.seg.build_dicom_seg`; the frames of a multi-frame
 source are collected, bit-packed, until the last one arrives), the bundle's PNG/NIfTI masks for every other format,
-each written in a :class:`~monai_ecrm.clinical.writing.PartialFolder` and renamed into place when complete. A SEG with
+each written in a :class:`~monai_ecrm.writing.PartialFolder` and renamed into place when complete. A SEG with
 only some of its source's frames (:meth:`SaveDicomSegd.flush`) is published under
-:func:`~monai_ecrm.clinical.writing.partial_output_path` (``video_seg.partial.dcm``), never under its final name.
+:func:`~monai_ecrm.writing.partial_output_path` (``video_seg.partial.dcm``), never under its final name.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from monai.transforms import MapTransform
 
 from monai_ecrm.clinical.seg import SEG_SERIES_NUMBER, build_dicom_seg, bundle_version, derive_seg, encode_frame
 from monai_ecrm.clinical.sources import DicomSource
-from monai_ecrm.clinical.writing import PartialFolder, partial_output_path, prediction_path, source_key
 from monai_ecrm.transforms.io import SavePredictiond
+from monai_ecrm.writing import PartialFolder, partial_output_path, prediction_path, source_key
 
 __all__ = ["SaveDicomSegd"]
 
@@ -41,20 +41,20 @@ class SaveDicomSegd(MapTransform):
     """Write predictions as a clinical pipeline needs them: a DICOM SEG per DICOM source instance (see
     :func:`~monai_ecrm.clinical.seg.build_dicom_seg`), the bundle's PNG/NIfTI masks
     (:class:`~monai_ecrm.transforms.SavePredictiond`) for every other source, at the paths of
-    :func:`~monai_ecrm.clinical.writing.prediction_path`.
+    :func:`~monai_ecrm.writing.prediction_path`.
 
     Predictions come as ``Invertd`` gives them (``[1, W, H]`` at the source's size, carrying the source's metadata):
     0/1 masks, or foreground probabilities with ``probabilities=True`` (a FRACTIONAL SEG, 0..255 PNGs, float
     NIfTI). A frame of a multi-frame DICOM source is kept, bit-packed, until every frame of that source has come; then
     its SEG is written (and a ``.partial`` SEG of an earlier job for it removed). :meth:`flush` writes a SEG with the
     frames that came (a job whose other frames could not be decoded) under
-    :func:`~monai_ecrm.clinical.writing.partial_output_path` (``video_seg.partial.dcm``): not under the final name,
+    :func:`~monai_ecrm.writing.partial_output_path` (``video_seg.partial.dcm``): not under the final name,
     which only a SEG of every frame gets, so a rerun does not take it for done. Every file is written in a private
     folder inside ``output_dir`` and renamed into place when complete.
 
     A SEG is built from its source's header: the one a job handed over with :meth:`use_source` (read once for
     decoding and writing), else read from the file when the SEG is written. Outputs are named with the stems a job sets
-    in :attr:`output_stems` (:func:`~monai_ecrm.clinical.writing.output_stems`: two inputs never share an output), a
+    in :attr:`output_stems` (:func:`~monai_ecrm.writing.output_stems`: two inputs never share an output), a
     source's file stem otherwise.
 
     Args:
@@ -205,7 +205,7 @@ class SaveDicomSegd(MapTransform):
 
     def flush(self, source_path: str | os.PathLike | None = None) -> list[Path]:
         """Write the SEGs of multi-frame sources still waiting for frames, with the frames that came, under their
-        ``.partial`` names (:func:`~monai_ecrm.clinical.writing.partial_output_path`); the headers given to
+        ``.partial`` names (:func:`~monai_ecrm.writing.partial_output_path`); the headers given to
         :meth:`use_source` for them are then let go.
 
         Args:

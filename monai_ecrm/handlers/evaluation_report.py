@@ -18,7 +18,7 @@ from monai.handlers import from_engine
 from monai.utils import IgniteInfo, min_version, optional_import
 from PIL import Image, ImageDraw
 
-from monai_ecrm.clinical.explain import CasePictures
+from monai_ecrm.explanations import CasePictures
 from monai_ecrm.handlers.report_page import model_identity, write_report_page
 from monai_ecrm.metrics.evaluation import foreground_counts, summarize, write_tables
 from monai_ecrm.metrics.functional import SUITE_KEYS, _check_normalize, minmax_normalize, polyp_metric_suite

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from monai.data import decollate_batch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_ecrm.clinical.explain import (
+from monai_ecrm.explanations import (
     EXPLAIN_COLUMNS,
     NOTE_COLUMN,
     CasePictures,
@@ -24,10 +24,10 @@ from monai_ecrm.clinical.explain import (
     explanation_from_shares,
     memory_case_names,
 )
-from monai_ecrm.clinical.writing import PartialFolder
 from monai_ecrm.handlers.aux_supervision import unwrap_network
 from monai_ecrm.inferers import ExplainingInferer
 from monai_ecrm.record import read_record
+from monai_ecrm.writing import PartialFolder
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from monai_ecrm.clinical.explain import CasePictures, Explanation
+from monai_ecrm.explanations import CasePictures, Explanation
 from monai_ecrm.metrics.evaluation import TABLE_HEADERS
 
 __all__ = ["MEMORY_CASES_DIR", "REPORT_PAGE", "model_identity", "model_identity_html", "write_report_page"]
